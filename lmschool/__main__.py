@@ -1,0 +1,5 @@
+import sys
+
+from lmschool.cli import main
+
+sys.exit(main())

@@ -1,0 +1,209 @@
+"""Checkpoints: Hugging Face model directories, written atomically, plus resume state beside them.
+
+A model directory holds `config.json`, `model.safetensors`, the tokenizer files and
+`generation_config.json`; `transformers` loads it as it is. A run directory looks like:
+
+    RUN/config.yaml              the resolved config
+    RUN/metrics.jsonl            one JSON object per logged step
+    RUN/summary.json             final figures
+    RUN/model/                   the final model (an HF directory)
+    RUN/checkpoints/step-000200/ an HF directory + `trainer_state.pt` (optimizer, schedule, RNG,
+                                 step); the last `keep_last` are kept
+
+Every directory is written under a temporary name and renamed into place, so a crash never
+leaves a half-written checkpoint. Loads are safetensors, and `torch.load(weights_only=True)` for
+resume state: no pickled code from a file is ever executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmschool.errors import UserError
+from lmschool.hf import from_hf_config, to_hf_config
+from lmschool.model import ModelConfig, Transformer, init_weights
+
+STATE_FILE = "trainer_state.pt"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary directory that replaces `path` only when the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra: dict | None = None) -> None:
+    """Write the HF files of `model` (and its tokenizer) into an existing directory."""
+    directory = Path(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict_for_save().items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    ids, stop = {}, []
+    if tokenizer is not None:
+        tokenizer.save(directory)
+        stop = stop_ids(tokenizer)
+        ids = dict(bos_token_id=None, eos_token_id=stop[0] if stop else None, pad_token_id=tokenizer.pad_id)
+    cfg = to_hf_config(model.config, model.head, extra=extra, **ids)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if model.head == "lm":
+        gen = {"_from_model_config": False, "do_sample": False}
+        if tokenizer is not None:
+            gen.update(eos_token_id=stop, pad_token_id=tokenizer.pad_id)
+        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end generation: end of turn first (chat), then end of document."""
+    return [i for i in (getattr(tokenizer, "im_end_id", None), getattr(tokenizer, "eos_id", None))
+            if i is not None]
+
+
+def save_model(path: str | Path, model: Transformer, tokenizer=None, extra: dict | None = None) -> Path:
+    """Atomically write an HF model directory at `path`."""
+    with atomic_dir(path) as tmp:
+        write_model(tmp, model, tokenizer, extra)
+    return Path(path)
+
+
+def resolve(path: str | Path) -> Path:
+    """A model directory from a path that is one, or a run directory (its final or latest model)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    raise UserError(f"{path} is neither a model directory (no config.json) nor a run directory "
+                    f"with a model/ or checkpoints/ inside")
+
+
+def read_config(path: str | Path) -> dict:
+    path = resolve(path)
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(load_file(str(path / shard)))
+        return tensors
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise UserError(f"{path}: only safetensors weights are loaded (pickle files can run code); "
+                        f"convert with transformers: model.save_pretrained(dir, safe_serialization=True)")
+    raise UserError(f"{path}: no model.safetensors found")
+
+
+def load_model(path: str | Path, head: str | None = None, *, new_head: bool = False,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               ) -> Transformer:
+    """Load an HF Llama/Qwen2 directory (ours or Hugging Face's) as a Transformer.
+
+    head: the head wanted ('lm' for policies, 'score' for reward models/critics); None = as saved.
+    new_head: allow a different head than saved (e.g. a reward model from an SFT checkpoint);
+    the backbone is loaded and the new head initialised by `init_weights`.
+    """
+    path = resolve(path)
+    cfg, saved_head = from_hf_config(read_config(path), str(path / "config.json"))
+    head = head or saved_head
+    if head != saved_head and not new_head:
+        kinds = {"lm": "a policy (ForCausalLM)", "score": "a reward model (ForSequenceClassification)"}
+        raise UserError(f"{path} is {kinds[saved_head]}, but {kinds[head]} is expected here")
+    tensors = _read_tensors(path)
+    model = Transformer(cfg, head)
+    if head != saved_head:
+        init_weights(model, seed=0)
+        tensors = {k: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    if head == "lm" and cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in tensors and k.startswith("model.")]
+    missing += [k for k in ("lm_head.weight", "score.weight") if k in expected and k not in tensors
+                and head == saved_head and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    unexpected = [k for k in tensors if k not in expected and "rotary_emb" not in k]
+    if missing or unexpected:
+        raise UserError(f"{path}/model.safetensors does not match its config.json: "
+                        f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in tensors.items():
+        if k in expected and expected[k].shape != v.shape:
+            raise UserError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config says "
+                            f"{tuple(expected[k].shape)}")
+    model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
+    return model.to(device=device, dtype=dtype)
+
+
+def model_extra(path: str | Path) -> dict:
+    """The `lmschool` section of a checkpoint's config.json (stage, reward bias, ...)."""
+    return read_config(path).get("lmschool", {}) or {}
+
+
+# ---- run directories and resume state -------------------------------------------------------
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, model: Transformer, state: dict,
+                             tokenizer=None, extra: dict | None = None, keep_last: int = 2) -> Path:
+    """Write RUN/checkpoints/step-N (model + trainer_state.pt) atomically; prune to `keep_last`."""
+    path = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    with atomic_dir(path) as tmp:
+        write_model(tmp, model, tokenizer, extra)
+        torch.save(state, tmp / STATE_FILE)
+    for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_training_state(ckpt_dir: str | Path) -> dict:
+    return torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,0 +1,166 @@
+"""Model: causality, masks, KV cache, and parity with `transformers` both ways (STYLE.md #9)."""
+
+import json
+
+import pytest
+import torch
+
+from lmschool.checkpoint import load_model, save_model
+from lmschool.errors import UserError
+from lmschool.model import ModelConfig, build_model, padding_mask, segment_mask
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+VARIANTS = {
+    "tied-mha": dict(tie_word_embeddings=True),
+    "untied-gqa": dict(tie_word_embeddings=False, num_key_value_heads=2),
+    "qwen2-qkv-bias-gqa": dict(qkv_bias=True, num_key_value_heads=1, tie_word_embeddings=False),
+    "llama-attention-bias": dict(attention_bias=True, mlp_bias=True),
+}
+
+
+def _randomise_biases(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def test_causality():
+    model = build_model(tiny()).eval()
+    x = torch.randint(0, 97, (2, 16))
+    y = x.clone()
+    y[:, 10] = (y[:, 10] + 1) % 97
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_our_checkpoint_loads_in_transformers(tmp_path, variant):
+    model = build_model(tiny(**VARIANTS[variant]), seed=1).eval()
+    _randomise_biases(model)
+    save_model(tmp_path / "ckpt", model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    expected_arch = "Qwen2ForCausalLM" if VARIANTS[variant].get("qkv_bias") else "LlamaForCausalLM"
+    assert type(hf).__name__ == expected_arch
+    x = torch.randint(0, 97, (3, 20))
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    # greedy generation agrees token for token
+    prompt = x[:1, :5]
+    with torch.no_grad():
+        hf_out = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(seq, hf_out)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_transformers_checkpoint_loads_in_lmschool(tmp_path, variant):
+    kw = VARIANTS[variant]
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=kw.get("num_key_value_heads", 4),
+                  max_position_embeddings=64, tie_word_embeddings=kw.get("tie_word_embeddings", False))
+    if kw.get("qkv_bias"):
+        hf_cfg = transformers.Qwen2Config(**common)
+        hf = transformers.Qwen2ForCausalLM(hf_cfg)
+    else:
+        hf_cfg = transformers.LlamaConfig(**common, attention_bias=kw.get("attention_bias", False),
+                                          mlp_bias=kw.get("mlp_bias", False))
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    _randomise_biases(hf)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    model = load_model(tmp_path / "hf").eval()
+    x = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_llama3_rope_scaling_matches(tmp_path):
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=256, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_model(tmp_path / "hf").eval()
+    x = torch.randint(0, 50, (1, 200))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_reward_checkpoint_loads_as_sequence_classifier(tmp_path):
+    model = build_model(tiny(), head="score", seed=2).eval()
+    save_model(tmp_path / "rm", model)
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    hf.config.pad_token_id = 0  # saved with a tokenizer in real runs; id 0 never occurs below
+    x = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        ours = model(x)[:, -1]                          # (B,) score at the last token
+        theirs = hf(x).logits[:, 0]
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_wrong_head_is_a_clear_error(tmp_path):
+    save_model(tmp_path / "rm", build_model(tiny(), head="score"))
+    with pytest.raises(UserError, match="reward model"):
+        load_model(tmp_path / "rm", head="lm")
+    rm = load_model(tmp_path / "rm", head="score")
+    assert rm.head == "score"
+    save_model(tmp_path / "lm", build_model(tiny()))
+    critic = load_model(tmp_path / "lm", head="score", new_head=True)
+    assert critic.head == "score"
+
+
+def test_segment_mask_isolates_packed_examples():
+    """Two examples packed in one row give the same logits as each alone."""
+    model = build_model(tiny()).eval()
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    seg = torch.tensor([[0] * 7 + [1] * 5])
+    pos = torch.tensor([list(range(7)) + list(range(5))])
+    with torch.no_grad():
+        out = model(packed, position_ids=pos, attn_mask=segment_mask(seg))
+        assert torch.allclose(out[:, :7], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
+
+
+def test_left_padding_mask_matches_unpadded():
+    model = build_model(tiny()).eval()
+    x = torch.randint(1, 97, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)
+    valid = torch.tensor([[False] * 3 + [True] * 6])
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(padded, position_ids=pos, attn_mask=padding_mask(valid))
+        assert torch.allclose(out[:, 3:], model(x), atol=1e-5)
+
+
+def test_kv_cache_equals_full_recompute():
+    model = build_model(tiny(num_key_value_heads=2)).eval()
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2, 16)
+        first = model(x[:, :8], cache=cache)
+        steps = [model(x[:, t:t + 1], cache=cache) for t in range(8, 10)]
+        rest = model(x[:, 10:], cache=cache)  # a multi-token chunk after the prefix
+    got = torch.cat([first, *steps, rest], dim=1)
+    assert torch.allclose(got, full, atol=1e-5)
