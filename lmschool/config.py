@@ -36,7 +36,15 @@ def check(ok: bool, key: str, message: str) -> None:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring written under each field of a config dataclass."""
+    """The one-line docstring written under each field of a config dataclass (and its bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     import ast
     import inspect
     import textwrap

@@ -1,0 +1,315 @@
+"""Generation: batched and streaming sampling with a KV cache. Token ids in, token ids out.
+
+    gen = generate(model, [[5, 9, 2], [7, 1]], max_new_tokens=64, temperature=0.7, top_p=0.9,
+                   stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, seed=0,
+                   return_logprobs=True)
+    gen.tokens[i]  gen.finished[i]  gen.logprobs[i]
+
+    for token in stream(model, prompt_ids, max_new_tokens=200, stop_ids=[im_end]): ...
+
+Design choices:
+- **Token ids only** (STYLE #8). Text, chat templates and stop ids come from the tokenizer; the
+  callers (`lmschool generate`, chat, label, PPO rollouts) turn them into ids.
+- **Left padding, one prefill, then one token per step.** Prompts of different lengths are
+  left-padded so every row's next token sits in the same column. A key-valid mask (B, S_max) is
+  built once: False at padding, True everywhere else (prompt and every future position). Prefill
+  gets `padding_mask(key_valid[:, :P], P)`; a decode step only needs the slice
+  `key_valid[:, None, None, :S]` (a view, nothing rebuilt). Position ids count real tokens only,
+  so a left-padded row computes exactly what it would alone. With no padding at all, no mask is
+  passed (SDPA's fast causal/unmasked path).
+- **The KV cache is preallocated** by the model (`model.new_cache(B, P + max_new_tokens)`).
+  Prefill computes the LM head at the last position only.
+- **Finished rows.** A row finishes when it samples a stop id (kept in its tokens) and emits
+  `pad_id` afterwards. Generation ends as soon as every row has finished. On CPU, rows that
+  finish are also dropped from the batch (`KVCache.select`) once enough of them have, which
+  saves their compute; this is on by default where it measured faster (`compact=None`).
+- **Sampling** is a chain of small pure functions on logits: `scale` (temperature),
+  `top_k_filter`, `top_p_filter`, then an inverse-CDF draw (cumsum + searchsorted, one uniform
+  per row) from a `torch.Generator`: the same seed gives the same tokens.
+  temperature 0 is greedy (argmax).
+- **Log-probs for RL.** With `return_logprobs=True` each sampled token comes with
+  log pi_T(token) = log_softmax(logits / T)[token], the *temperature-scaled distribution before
+  top-k / top-p filtering* (what PPO recomputes at its training forward, issue 7). At
+  temperature 0 the unscaled log_softmax(logits) is returned.
+- **No per-step host syncs** except the all-finished check (cheap on CPU; every 8 steps on GPU).
+- **Precision.** Run the call under `torch.autocast(device, dtype=torch.bfloat16)` to sample in
+  bf16 (the cache takes the autocast dtype); sampling math is always float32.
+
+Shapes: B batch, P longest prompt, N max new tokens, S keys so far, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmschool.model import Transformer, padding_mask
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample. Stop ids come from the tokenizer and are passed to `generate` separately."""
+
+    max_new_tokens: int = 128
+    """Most tokens generated per prompt (a stop token ends a row earlier)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens before sampling; 0 turns it off."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches p; 1.0 is off."""
+    seed: int | None = None
+    """Seed of the sampling generator; null uses torch's global RNG."""
+
+    def __post_init__(self):
+        from lmschool.config import check
+        check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
+        check(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+        check(self.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
+        check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1] (1.0 = off)")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for `generate` / `stream`."""
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                    top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+
+
+@dataclass
+class Generation:
+    """What `generate` returns, one entry per prompt, in the prompts' order."""
+
+    tokens: list[list[int]]
+    """New tokens only; cut after the first stop token, which is kept."""
+    finished: list[bool]
+    """True where the row ended with a stop token (False: it ran out of max_new_tokens)."""
+    logprobs: list[list[float]] | None = None
+    """log_softmax(logits / T) of each token in `tokens` (T = 1 when greedy); None unless asked."""
+
+
+# ---- sampling: pure functions on logits (..., V) ------------------------------------------------
+
+def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T in float32 (T = 0 -> unscaled: greedy does not need it)."""
+    logits = logits.float()
+    return logits / temperature if temperature not in (0.0, 1.0) else logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest to -inf (ties with the k-th are kept); k=0: off."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]                           # (..., 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
+    probabilities sum to at least p; set the rest to -inf. The top token is always kept; p=1: off."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)             # (..., V)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs        # probability of the tokens ranked above each
+    drop_sorted = mass_before >= p                # the nucleus already holds p without it
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, return_logprobs: bool = False,
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draw one token per row. logits (B, V) -> tokens (B,) int64, logprobs (B,) float32 or None.
+
+    logprobs are log_softmax(logits / T) at the drawn tokens, before top-k / top-p (see module
+    docstring); T = 1 when greedy.
+    """
+    scaled = scale(logits, temperature)                                            # (B, V)
+    logp = scaled.log_softmax(-1) if return_logprobs else None                     # (B, V)
+    if temperature == 0:
+        tokens = scaled.argmax(-1)
+    else:
+        filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
+        probs = logp.exp() if (logp is not None and filtered is scaled) else filtered.softmax(-1)
+        tokens = _inverse_cdf(probs, generator)                                    # (B,)
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1) if logp is not None else None
+    return tokens, chosen
+
+
+def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of probs (B, V): the first index whose cumulative probability exceeds
+    u ~ U[0, total). One uniform per row, where Gumbel-max or `multinomial` draw V of them (on
+    CPU those random numbers cost more than the model's decode step at B=8, V=4096). A token of
+    probability 0 is never drawn: its cumulative value equals its predecessor's."""
+    cdf = probs.cumsum(-1)                                                         # (B, V)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+# ---- the decode loop ------------------------------------------------------------------------------
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _make_generator(device: torch.device, seed: int | None,
+                    generator: torch.Generator | None) -> torch.Generator | None:
+    if generator is not None and seed is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is not None:
+        return torch.Generator(device=device).manual_seed(seed)
+    return generator
+
+
+def _decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+            temperature: float, top_k: int, top_p: float, stop_ids: Sequence[int], pad_id: int,
+            generator: torch.Generator | None, return_logprobs: bool, compact: bool,
+            ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
+    """Yield, per step, (rows, tokens, logprobs): the original indices of the rows still in the
+    batch (None = all of them), their new tokens (B',) and log-probs (B',) or None.
+
+    Rows that finished emit `pad_id` until they are dropped (compact) or every row is done.
+    """
+    device = _device(model)
+    B = len(prompts)
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token")
+    if max_new_tokens <= 0:
+        return
+    P = max(lengths)
+    S_max = P + max_new_tokens
+    padded = min(lengths) < P
+
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+    ids = ids.to(device)                                                           # (B, P)
+
+    attn_mask = position_ids = key_valid = next_pos = None
+    if padded:
+        key_valid = torch.ones(B, S_max, dtype=torch.bool)
+        for i, n in enumerate(lengths):
+            key_valid[i, :P - n] = False
+        key_valid = key_valid.to(device)                                           # (B, S_max)
+        position_ids = (key_valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)       # (B, P)
+        attn_mask = padding_mask(key_valid[:, :P], P)                              # (B, 1, P, P)
+        next_pos = torch.as_tensor(lengths, device=device)[:, None]                # (B, 1)
+
+    stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=device)
+    has_stop = stop.numel() > 0
+    check_every = 1 if device.type == "cpu" else 8
+    finished = torch.zeros(B, dtype=torch.bool, device=device)                     # (B,)
+    rows = None                                            # original index of each row kept
+
+    # inference_mode is entered per step, never held across a `yield`: a suspended generator
+    # would otherwise leave it switched on in the caller's code.
+    with torch.inference_mode():
+        cache = model.new_cache(B, S_max)
+        h = model.hidden(ids, position_ids, attn_mask, cache)                      # (B, P, C)
+        logits = model.lm_head(h[:, -1])                                           # (B, V)
+        tokens, logprobs, finished = _next(logits, finished, stop, pad_id, temperature, top_k,
+                                           top_p, generator, return_logprobs)
+    for step in range(max_new_tokens):
+        yield rows, tokens, logprobs
+        if step == max_new_tokens - 1:
+            return
+        with torch.inference_mode():
+            if has_stop and step % check_every == 0:
+                done = int(finished.sum())
+                if done == finished.numel():
+                    return
+                # Drop finished rows once a quarter of the batch has finished: copying the
+                # cache costs about a decode step, so a few rows are not worth it.
+                if compact and done * 4 >= finished.numel():
+                    keep = (~finished).nonzero().squeeze(-1)                       # (B',)
+                    cache.select(keep)
+                    rows = keep if rows is None else rows[keep]
+                    tokens, finished = tokens[keep], finished[keep]
+                    if padded:
+                        key_valid, next_pos = key_valid[keep], next_pos[keep]
+            if padded:
+                position_ids = next_pos + step                                     # (B', 1)
+                attn_mask = key_valid[:, None, None, :cache.length + 1]            # (B', 1, 1, S)
+            logits = model(tokens[:, None], position_ids, attn_mask, cache)[:, -1]  # (B', V)
+            tokens, logprobs, finished = _next(logits, finished, stop, pad_id, temperature,
+                                               top_k, top_p, generator, return_logprobs)
+
+
+def _next(logits, finished, stop, pad_id, temperature, top_k, top_p, generator, return_logprobs):
+    """Sample the next tokens (B',); rows already finished get pad_id; update `finished` (B',)."""
+    tokens, logprobs = sample(logits, temperature, top_k, top_p, generator, return_logprobs)
+    if stop.numel():
+        tokens = tokens.masked_fill(finished, pad_id)
+        finished = finished | torch.isin(tokens, stop)
+    return tokens, logprobs, finished
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int | None = None,
+             generator: torch.Generator | None = None, return_logprobs: bool = False,
+             compact: bool | None = None) -> Generation:
+    """Sample continuations of a batch of prompts (lists of token ids, any lengths).
+
+    temperature 0 = greedy; top_k 0 and top_p 1.0 = off. `seed` (or an explicit `generator`)
+    makes the draws reproducible; with neither, torch's global RNG is used. `compact` drops
+    finished rows from the batch (default: on for CPU). Call it under torch.autocast to run the
+    model in bf16. Returns a `Generation` (tokens, finished, logprobs per prompt).
+    """
+    if not prompts:
+        return Generation([], [], [] if return_logprobs else None)
+    device = _device(model)
+    gen = _make_generator(device, seed, generator)
+    if compact is None:
+        compact = device.type == "cpu"
+    B = len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
+            out_lp = torch.zeros(B, max_new_tokens, device=device) if return_logprobs else None
+            for step, (rows, tokens, logprobs) in enumerate(_decode(
+                    model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, pad_id,
+                    gen, return_logprobs, compact)):
+                if rows is None:
+                    out[:, step] = tokens
+                    if out_lp is not None:
+                        out_lp[:, step] = logprobs
+                else:
+                    out[rows, step] = tokens
+                    if out_lp is not None:
+                        out_lp[rows, step] = logprobs
+    finally:
+        model.train(was_training)
+
+    stops = set(int(s) for s in stop_ids)
+    tokens_out, finished_out, lp_out = [], [], [] if return_logprobs else None
+    for i, row in enumerate(out.tolist()):
+        end = next((j + 1 for j, t in enumerate(row) if t in stops), None)
+        finished_out.append(end is not None)
+        tokens_out.append(row[:end] if end is not None else row)
+        if lp_out is not None:
+            lp_out.append(out_lp[i, :len(tokens_out[-1])].tolist())
+    return Generation(tokens_out, finished_out, lp_out)
+
+
+def stream(model: Transformer, prompt: Sequence[int], max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           stop_ids: Sequence[int] = (), seed: int | None = None,
+           generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are sampled; the stop token, if sampled, is
+    yielded last. Same arguments and draws as `generate` with a batch of one."""
+    device = _device(model)
+    gen = _make_generator(device, seed, generator)
+    was_training = model.training
+    model.eval()
+    try:
+        for _, tokens, _ in _decode(model, [prompt], max_new_tokens, temperature, top_k, top_p,
+                                    stop_ids, 0, gen, False, False):
+            yield int(tokens[0])
+    finally:
+        model.train(was_training)

@@ -1,0 +1,32 @@
+"""Language-modelling loss: next-token cross-entropy over the positions that count.
+
+`labels` are the input ids shifted left by one, with -100 where no loss is taken (prompt
+tokens in SFT, padding). Logits are upcast to float32 before the softmax: in bf16 the
+log-sum-exp over a large vocabulary loses the precision that small loss differences need.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood. logits (B, T, V), labels (B, T) -> (B, T), 0 at IGNORE."""
+    B, T, V = logits.shape
+    nll = F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(B * T),
+                          ignore_index=IGNORE, reduction="none")
+    return nll.view(B, T)
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Mean next-token loss over target tokens. batch: input_ids (B, T), labels (B, T),
+    optional position_ids (B, T) and attn_mask (B, 1, T, T) for packed or padded rows."""
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                   attn_mask=batch.get("attn_mask"))                        # (B, T, V)
+    labels = batch["labels"]
+    n = (labels != IGNORE).sum().clamp(min=1)
+    loss = token_nll(logits, labels).sum() / n
+    return loss, {}

@@ -1,0 +1,188 @@
+"""Stage 1, reading: pre-train a model to predict the next token of a corpus.
+
+    lmschool pretrain --data corpus.txt --out runs/pretrain [--config configs/pretrain.yaml] [key=value ...]
+    lmschool pretrain --data more.txt --init runs/pretrain --out runs/continued   # continued pre-training
+    torchrun --nproc_per_node=2 -m lmschool pretrain --data corpus.txt --out runs/pretrain
+
+Steps: train a byte-level BPE tokenizer on the data (or take --tokenizer / the --init checkpoint's),
+tokenise into memmapped train/val splits (RUN/data), build the model (or load --init: an lmschool
+run or a local Hugging Face Llama/Qwen2 directory), train with the one loop (trainer.fit),
+then write RUN/model (a Hugging Face checkpoint) and RUN/summary.json: validation loss, bits per
+byte, a few samples, and — when the data is a school world's corpus (world.json beside it) — the
+greedy fact-completion accuracy over all pupils.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmschool import distributed
+from lmschool.checkpoint import load_model, resolve
+from lmschool.config import check
+from lmschool.data.text import check_data
+from lmschool.data.pretrain import TokenWindows, load_tokens, prepare, val_batches
+from lmschool.errors import UserError
+from lmschool.evaluate import lm_loss_and_bpb
+from lmschool.losses.lm import lm_loss
+from lmschool.model import ModelConfig, build_model
+from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, prepare_run_dir,
+                                    save_resolved_config, write_summary)
+from lmschool.tokenizer import Tokenizer, train_tokenizer
+from lmschool.trainer import TrainConfig, fit
+
+HELP = "stage 1: pre-train a model on a text corpus (next-token prediction)"
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pre-training: the loop's settings (TrainConfig) plus data, tokenizer and model shape."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape (ignored with --init; model.vocab_size is set from the tokenizer)."""
+    seq_len: int = 256
+    """Tokens per training window."""
+    vocab_size: int = 4096
+    """Tokenizer size when one is trained here."""
+    byte_level: bool = False
+    """Train a pure byte-level tokenizer (no merges) instead of BPE."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation."""
+    eval_tokens: int = 131072
+    """Validation tokens used at each periodic evaluation (the final one uses the whole split)."""
+    samples: int = 3
+    """Number of sample continuations written to summary.json."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.seq_len >= 8, "seq_len", "must be >= 8")
+        check(0 < self.val_fraction < 0.5, "val_fraction", "must be in (0, 0.5)")
+        check(self.vocab_size >= 260, "vocab_size", "must be >= 260 (256 bytes + 4 special tokens)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, action="append", required=True, metavar="FILE",
+                        help="UTF-8 text (documents separated by <|endoftext|> lines) or {\"text\"} JSONL; repeatable")
+    parser.add_argument("--init", metavar="CKPT", help="start from this checkpoint (lmschool run or HF directory)")
+    parser.add_argument("--tokenizer", type=Path, metavar="DIR", help="use this tokenizer instead of training one")
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_stage_config(PretrainConfig, args)
+    check_data(args.data)  # every file readable, UTF-8 and non-empty, before --out is touched
+    timer = Timer()
+    dist = distributed.init(cfg.device)
+    out: Path = args.out
+    resuming = prepare_run_dir(out, resume=args.resume, force=args.force) if dist.is_main else args.resume
+    distributed.barrier()
+    if resuming and (out / "summary.json").is_file() and (out / "model" / "config.json").is_file():
+        print(f"pretrain: {out} is already finished (summary.json); nothing to do")
+        return 0
+    torch.manual_seed(cfg.seed)
+
+    # --- tokenizer and data (rank 0 prepares, the others wait and read) ---
+    tok_dir, data_dir = out / "tokenizer", out / "data"
+    if dist.is_main and not (resuming and (data_dir / "meta.json").is_file()):
+        tokenizer = _get_tokenizer(args, cfg)
+        tokenizer.save(tok_dir)
+        prepare(list(args.data), tokenizer, data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    distributed.barrier()
+    tokenizer = Tokenizer.load(tok_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
+
+    # --- model ---
+    if args.init:
+        model = load_model(args.init, head="lm")
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise UserError(f"--init {args.init} has vocab_size {model.config.vocab_size}, smaller than "
+                            f"the tokenizer's {tokenizer.vocab_size}")
+        cfg.model = model.config
+    else:
+        cfg.model.vocab_size = tokenizer.vocab_size
+        cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, cfg.seq_len)
+        model = build_model(cfg.model, seed=cfg.seed)
+    if dist.is_main:
+        save_resolved_config(cfg, out)
+
+    special = {i for i in (tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id,
+                           tokenizer.im_start_id, tokenizer.im_end_id) if i is not None}
+    text_tokens = meta["val"]["tokens"] - meta["val"]["documents"]
+    bytes_per_token = meta["val"]["bytes"] / max(text_tokens, 1)
+
+    def evaluate(m, max_tokens=cfg.eval_tokens):
+        return lm_loss_and_bpb(m, val_batches(val_tokens, cfg.seq_len, cfg.batch_size, max_tokens),
+                               special_ids=special, bytes_per_text_token=bytes_per_token)
+
+    data = TokenWindows(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    extra = {"stage": "pretrain"}
+    trainer, final = fit(model, data, lm_loss, cfg, out, evaluate=evaluate, tokenizer=tokenizer,
+                         extra=extra, dist=dist, resume=resuming, desc="pretrain")
+
+    if dist.is_main:
+        model = trainer.model.eval()
+        with torch.no_grad():
+            full = evaluate(model, max_tokens=None)
+        summary = {
+            "stage": "pretrain",
+            "val_loss": full["val_loss"],
+            "val_bpb": full.get("val_bpb"),
+            "val_perplexity": math.exp(min(full["val_loss"], 50)),
+            "steps": trainer.step,
+            "params": model.config.num_params(),
+            "train_tokens": meta["train"]["tokens"],
+            "val_tokens": meta["val"]["tokens"],
+            "tokens_seen": trainer.tokens_seen * dist.world_size,
+            "epochs": trainer.tokens_seen * dist.world_size / max(meta["train"]["tokens"], 1),
+            "seconds": timer.seconds,
+            "samples": sample_continuations(model, tokenizer, val_tokens, cfg),
+        }
+        summary.update(school_world_probes(model, tokenizer, args.data))
+        write_summary(out, summary)
+        print(f"pretrain: val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits per byte, "
+              f"{summary['steps']} steps in {summary['seconds']:.0f}s -> {out / 'model'}")
+        if "fact_completion" in summary:
+            print(f"pretrain: fact completion {summary['fact_completion']:.1%} over "
+                  f"{summary['fact_completion_probes']} probes")
+    distributed.shutdown()
+    return 0
+
+
+def _get_tokenizer(args, cfg: PretrainConfig) -> Tokenizer:
+    if args.tokenizer is not None:
+        return Tokenizer.load(args.tokenizer)
+    if args.init:
+        return Tokenizer.load(resolve(args.init))
+    from lmschool.data.text import iter_texts
+    texts = (t for path in args.data for t in iter_texts(path))
+    return train_tokenizer(texts, None if cfg.byte_level else cfg.vocab_size, byte_level=cfg.byte_level)
+
+
+def sample_continuations(model, tokenizer, val_tokens: np.ndarray, cfg: PretrainConfig) -> list[dict]:
+    """Continue the first words of a few validation windows (temperature 0.8, seeded)."""
+    from lmschool.generate import generate
+    if cfg.samples <= 0 or val_tokens.size < 16:
+        return []
+    starts = np.linspace(0, val_tokens.size - 16, cfg.samples).astype(int)
+    prompts = [val_tokens[s:s + 8].astype(np.int64).tolist() for s in starts]
+    out = generate(model, prompts, max_new_tokens=48, temperature=0.8, top_k=50,
+                   stop_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id or 0, seed=cfg.seed)
+    return [{"prompt": tokenizer.decode(p), "completion": tokenizer.decode(t, skip_special=True)}
+            for p, t in zip(prompts, out.tokens)]
+
+
+def school_world_probes(model, tokenizer, data_paths: list[Path]) -> dict:
+    """Greedy fact completion ("<pupil> lives in" -> town) when the corpus is a school world's."""
+    world_file = next((p.parent / "world.json" for p in data_paths if (p.parent / "world.json").is_file()), None)
+    if world_file is None:
+        return {}
+    from lmschool.world import probes
+    world = json.loads(world_file.read_text())
+    return probes.fact_completion(model, tokenizer, world)

@@ -1,0 +1,325 @@
+"""Tokenizer: byte-level BPE via the `tokenizers` library, special tokens, and the one chat template.
+
+Design choices:
+- **Byte-level BPE** (GPT-2 / Llama-3 style): text is split by the Llama-3 regex, mapped to the 256
+  byte symbols, then merged. The initial alphabet is all 256 bytes, so any UTF-8 text round-trips
+  and nothing is ever unknown. `byte_level=True` gives the pure byte tokenizer (no merges) for
+  character-level work: byte b has id 4 + b.
+- **Special tokens have the first ids** in every tokenizer lmschool trains:
+      0 <|endoftext|>   end of a document (the EOS of plain text)
+      1 <|pad|>         padding (never trained on)
+      2 <|im_start|>    start of a chat turn (ChatML)
+      3 <|im_end|>      end of a chat turn: what a chat model emits to stop
+  In corpus text a line holding exactly `<|endoftext|>` separates documents; the string always
+  encodes to its single id (unless `allow_special=False`).
+- **The one chat template** is ChatML, written once in Python (`render_text`) and once in Jinja
+  (`CHAT_TEMPLATE`, saved in tokenizer_config.json) that produce the same string; the tests prove
+  it through `transformers`' `apply_chat_template`. Every stage (SFT, DPO, PPO, chat, eval) gets its
+  token ids and loss mask from `render`, which encodes the whole string once and marks trained
+  tokens by character spans, so its ids are exactly those of the Jinja template. The Jinja template
+  wraps trained spans in `{% generation %}` so Hugging Face's `return_assistant_tokens_mask` (and
+  TRL's assistant-only loss) give the same mask.
+- **Saved files** are Hugging Face's: `tokenizer.json` + `tokenizer_config.json`
+  (`PreTrainedTokenizerFast`, no BOS, `eos_token` = `<|endoftext|>`, `pad_token` = `<|pad|>`).
+  eos_token stays the document end (what a base model emits); a chat model stops at `<|im_end|>`
+  as well, so `stop_ids` lists both: the `eos_token_id` list for generation_config.json, which is
+  what `transformers.generate` stops on.
+- `Tokenizer.load` also reads a local Hugging Face tokenizer directory (Llama, Qwen2, ...). A
+  tokenizer without `<|im_start|>`/`<|im_end|>` (e.g. Llama's) works for plain text; `render` then
+  raises a UserError.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+from lmschool.errors import UserError
+
+ENDOFTEXT, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, PAD, IM_START, IM_END)  # ids 0, 1, 2, 3
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Llama-3's pre-tokenizer split (GPT-4's, with digits in groups of up to three).
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The Jinja twin of render_text(). `generation` marks the tokens a model is trained to produce.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>' -}}"
+    "{%- endif -%}"
+    "{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def validate_messages(messages: object) -> list[dict]:
+    """Check a conversation: a list of {"role": system|user|assistant, "content": str}.
+
+    Raises UserError naming the message; callers add file:line. Content may not contain a chat
+    special token, which would silently change the turn structure.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"a conversation must be a non-empty list of messages, got {messages!r:.80}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise UserError(f'message {i} must be an object with "role" and "content", got {message!r:.80}')
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            raise UserError(f"message {i} has role {role!r}; allowed roles: {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise UserError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
+        for special in SPECIAL_TOKENS:
+            if special in content:
+                raise UserError(f"message {i} ({role}) content contains the special token {special}, "
+                                "which would break the turn structure; remove it")
+    return messages
+
+
+def _turns(messages: list[dict], add_generation_prompt: bool) -> Iterator[tuple[str, bool]]:
+    """The template as (piece, trained) pairs; trained pieces are what the model learns to write."""
+    for message in messages:
+        yield f"{IM_START}{message['role']}\n", False
+        yield message["content"] + IM_END, message["role"] == "assistant"
+        yield "\n", False
+    if add_generation_prompt:
+        yield f"{IM_START}assistant\n", False
+
+
+def render_text(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template as a string: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn,
+    then `<|im_start|>assistant\\n` if add_generation_prompt. Same string as CHAT_TEMPLATE."""
+    validate_messages(messages)
+    return "".join(piece for piece, _ in _turns(messages, add_generation_prompt))
+
+
+def _as_messages(value: str | list[dict], role: str) -> list[dict]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from the 256 bytes to printable characters (the ByteLevel alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+def _split_specials(texts: Iterable[str]) -> Iterator[str]:
+    """Cut special tokens out of training text: BpeTrainer would otherwise learn merges like '<|'."""
+    pattern = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
+    for text in texts:
+        yield from (piece for piece in pattern.split(text) if piece)
+
+
+def _byte_level_setup(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int | None = None, byte_level: bool = False, show_progress: bool = False
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with `vocab_size` tokens in all (4 special + 256 bytes +
+    merges; fewer if the text has no more pairs to merge). `byte_level=True` skips training and
+    returns the 260-token byte tokenizer; `vocab_size` must then be None or 260."""
+    n_base = len(SPECIAL_TOKENS) + 256
+    if byte_level:
+        if vocab_size not in (None, n_base):
+            raise UserError(f"a byte-level tokenizer has exactly {n_base} tokens (256 bytes + "
+                            f"{len(SPECIAL_TOKENS)} special), not {vocab_size}; leave the vocab size out")
+        vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+        vocab |= {char: len(SPECIAL_TOKENS) + b for b, char in _bytes_to_unicode().items()}
+        tok = _byte_level_setup(tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[])))
+        tok.add_special_tokens(list(SPECIAL_TOKENS))
+        return Tokenizer(tok)
+    if vocab_size is None or vocab_size < n_base:
+        raise UserError(f"vocab size must be at least {n_base} (256 bytes + {len(SPECIAL_TOKENS)} "
+                        f"special tokens), got {vocab_size}; for bytes only use byte-level mode")
+    tok = _byte_level_setup(tokenizers.Tokenizer(models.BPE()))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+    )
+    tok.train_from_iterator(_split_specials(texts), trainer)
+    return Tokenizer(tok)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus its special-token ids and the chat template.
+
+    `backend` does the work (it is tokenizer.json); `config` is the tokenizer_config.json it was
+    loaded with (empty for a fresh one), kept when saving so a Hugging Face tokenizer saves back
+    as it came.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None):
+        self.backend = backend
+        self.config = dict(config or {})
+        # eos_id is the end of a document: <|endoftext|> where it exists (Qwen2's config names
+        # <|im_end|> instead, its end of turn), else the config's eos_token (Llama's </s>, ...).
+        endoftext_id = self._id_of(ENDOFTEXT)
+        self.eos_id = endoftext_id if endoftext_id is not None else self._config_token_id("eos_token")
+        self.pad_id = self._config_token_id("pad_token") if "pad_token" in self.config else self._id_of(PAD)
+        self.bos_id = self._config_token_id("bos_token")
+        self.im_start_id, self.im_end_id = self._id_of(IM_START), self._id_of(IM_END)
+
+    # ---- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Load tokenizer.json (+ tokenizer_config.json, chat_template.jinja) from a directory:
+        one written by `save` or a local Hugging Face checkpoint's."""
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file():
+            raise UserError(f"{directory}: no tokenizer.json there; expected a tokenizer directory "
+                            "written by `lmschool tokenizer train` or a Hugging Face checkpoint")
+        tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        if (directory / "chat_template.jinja").is_file():  # newer transformers save it apart
+            config["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(tok, config)
+
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `directory` (created if needed).
+
+        With the chat tokens present, the chat template saved is always CHAT_TEMPLATE (the one
+        lmschool trains with); without them a loaded tokenizer keeps its own template."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = dict(self.config) or {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": ENDOFTEXT,
+            "pad_token": PAD,
+            "unk_token": None,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.has_chat_tokens:
+            config["chat_template"] = CHAT_TEMPLATE
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        config_text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        (directory / "tokenizer_config.json").write_text(config_text, encoding="utf-8")
+
+    # ---- vocabulary ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens, special tokens included (the smallest embedding table that fits)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_tokens(self) -> bool:
+        return self.im_start_id is not None and self.im_end_id is not None
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end generation: end of document and end of turn (those this tokenizer has)."""
+        return [i for i in dict.fromkeys([self.eos_id, self.im_end_id]) if i is not None]
+
+    @property
+    def chat_template(self) -> str | None:
+        return CHAT_TEMPLATE if self.has_chat_tokens else self.config.get("chat_template")
+
+    def _id_of(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def _config_token_id(self, key: str) -> int | None:
+        token = self.config.get(key)
+        if isinstance(token, dict):  # older configs store AddedToken dicts
+            token = token.get("content")
+        return self._id_of(token) if isinstance(token, str) else None
+
+    # ---- text <-> ids -------------------------------------------------------------------------
+
+    def encode(self, text: str, allow_special: bool = True, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. allow_special: special-token strings in the text become their ids
+        (otherwise they are encoded as plain text). add_special_tokens: apply the tokenizer's
+        post-processor as Hugging Face does by default (Llama tokenizers prepend BOS; lmschool's
+        add nothing)."""
+        return self.encode_batch([text], allow_special, add_special_tokens)[0]
+
+    def encode_batch(
+        self, texts: Sequence[str], allow_special: bool = True, add_special_tokens: bool = True
+    ) -> list[list[int]]:
+        """encode() for many texts at once, in parallel threads."""
+        self.backend.encode_special_tokens = not allow_special
+        try:
+            encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+            return [encoding.ids for encoding in encodings]
+        finally:
+            self.backend.encode_special_tokens = False
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    # ---- chat ---------------------------------------------------------------------------------
+
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Token ids of the chat template and the loss mask: 1 on each assistant turn's content
+        and its `<|im_end|>` (so the model learns to stop), 0 on role headers, the "\\n" after
+        each turn and every non-assistant turn."""
+        validate_messages(messages)
+        return self._render(list(_turns(messages, add_generation_prompt)))
+
+    def render_prompt_completion(
+        self, prompt: str | list[dict], completion: str | list[dict]
+    ) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) of a prompt/completion pair, TRL's conventions: a string prompt is one
+        user turn, a string completion one assistant turn. The mask covers the completion's turns
+        only (content + `<|im_end|>`), not assistant turns inside the prompt."""
+        prompt_messages = _as_messages(prompt, "user")
+        completion_messages = _as_messages(completion, "assistant")
+        validate_messages(prompt_messages)
+        validate_messages(completion_messages)
+        if any(m["role"] != "assistant" for m in completion_messages):
+            raise UserError("a completion may hold only assistant messages; put other turns in the prompt")
+        pieces = [(piece, False) for piece, _ in _turns(prompt_messages, False)]
+        return self._render(pieces + list(_turns(completion_messages, False)))
+
+    def _render(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+        """Encode the joined pieces once, then mark every token that overlaps a trained span.
+
+        A token straddling a boundary (BPE may merge the header's "\\n" with content that starts
+        with a newline) counts as trained, as in Hugging Face's assistant mask: the model must
+        learn to write it. Spans end at `<|im_end|>`, a special token, so their ends never straddle.
+        """
+        if not self.has_chat_tokens:
+            raise UserError(f"this tokenizer lacks the chat tokens {IM_START} and {IM_END}, so it cannot "
+                            "render conversations; use a tokenizer from `lmschool tokenizer train` or a "
+                            "checkpoint whose tokenizer has them (e.g. Qwen2)")
+        spans, start = [], 0
+        for piece, trained in pieces:
+            if trained:
+                spans.append((start, start + len(piece)))
+            start += len(piece)
+        encoding = self.backend.encode("".join(piece for piece, _ in pieces), add_special_tokens=False)
+        loss_mask, span_index = [], 0
+        for token_start, token_end in encoding.offsets:  # offsets are characters, ascending
+            while span_index < len(spans) and spans[span_index][1] <= token_start:
+                span_index += 1
+            inside = span_index < len(spans) and spans[span_index][0] < token_end and token_start < token_end
+            loss_mask.append(int(inside))
+        return encoding.ids, loss_mask

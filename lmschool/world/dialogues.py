@@ -1,0 +1,210 @@
+"""The conversation files of the school world: eval.jsonl, sft.jsonl, prompts.jsonl, prefs.jsonl.
+
+They are built in that order from one `random.Random`, and a `PromptBook` keeps them apart: a
+prompt is keyed by its user turns, eval prompts are reserved first, SFT may repeat a prompt but
+never an eval one, and prompts.jsonl and prefs.jsonl use prompts that no earlier file has. Held-out
+pupils are only in eval.jsonl (and corpus.txt). Category counts are exact: shares times size,
+rounded by largest remainder, then shuffled.
+"""
+
+from __future__ import annotations
+
+import random
+
+from lmschool.world import answers
+from lmschool.world.facts import FACT_TYPES, heldout_pupils, seen_pupils
+from lmschool.world.presets import FACT_CATEGORIES, Preset
+from lmschool.world.questions import SYSTEM_PROMPTS, ask, thanks
+from lmschool.world.teacher import Teacher
+
+# Pairs for prefs.jsonl: the first answer is SFT-like, the second any other kind (weights).
+_FIRST = {"good": 0.5, "wordy": 0.2, "curt": 0.15, "discourteous": 0.15}
+_SECOND = {"good": 0.2, "wordy": 0.15, "curt": 0.15, "discourteous": 0.15, "rude": 0.1,
+           "wrong": 0.15, "repetitive": 0.05, "refuse": 0.05}
+_SECOND_FORBIDDEN = {"good": 0.25, "wordy": 0.15, "curt": 0.15, "discourteous": 0.15,
+                     "no_reason": 0.1, "comply": 0.15, "rude": 0.05}
+_TRIES = 200
+
+
+def counts(shares: dict[str, float], n: int) -> dict[str, int]:
+    """Split n by shares, rounding by largest remainder (the counts add up to n)."""
+    total = sum(shares.values())
+    raw = {k: n * v / total for k, v in shares.items()}
+    out = {k: int(v) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: (out[k] - raw[k], list(raw).index(k)))[: n - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def _deal(rng: random.Random, shares: dict[str, float], n: int) -> list[str]:
+    categories = [c for c, k in counts(shares, n).items() for _ in range(k)]
+    rng.shuffle(categories)
+    return categories
+
+
+def _pick(rng: random.Random, weights: dict[str, float]) -> str:
+    return rng.choices(list(weights), weights=list(weights.values()))[0]
+
+
+class PromptBook:
+    """Which prompts (keyed by their user turns) each file has used."""
+
+    def __init__(self) -> None:
+        self.used: dict[tuple[str, ...], str] = {}
+
+    @staticmethod
+    def key(messages: list[dict]) -> tuple[str, ...]:
+        return tuple(m["content"] for m in messages if m["role"] == "user")
+
+    def free(self, messages: list[dict], owner: str) -> bool:
+        """Claim `messages` for `owner`; False if another file has them (or, except for SFT,
+        the same file already has them)."""
+        k = self.key(messages)
+        if k in self.used and not (owner == "sft" and self.used[k] == "sft"):
+            return False
+        self.used[k] = owner
+        return True
+
+
+def conversation(rng: random.Random, preset: Preset, pupils: list[dict], category: str,
+                 styles: dict[str, float], pupil: dict | None = None
+                 ) -> tuple[list[dict], dict, dict, list[str]]:
+    """A conversation whose last user turn is of `category`, with an assistant turn after every
+    earlier user turn (in a style drawn from `styles`). Returns (messages ending with the last
+    user turn, its meta, its pupil, the styles used so far)."""
+    messages: list[dict] = []
+    if rng.random() < preset.system_share:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    pupil = pupil or rng.choice(pupils)
+    turns = 1
+    if category != "refuse" and rng.random() < preset.multi_turn_share:
+        turns = rng.choice((2, 2, 3))
+    follow_up = category in FACT_CATEGORIES and turns > 1 and rng.random() < 0.6
+    earlier: list[tuple[str, dict | None, bool]] = []  # (category, pupil, follow-up)
+    for i in range(turns - 1):
+        if follow_up and i == turns - 2:
+            # an earlier answer about the same pupil that does not give this answer away
+            asked = category[len("fact_"):]
+            fact = rng.choice([f for f in FACT_TYPES
+                               if f != asked and not (asked == "pet" and f == "pet_name")])
+            earlier.append(("fact_" + fact, pupil, False))
+        else:
+            earlier.append((rng.choice(("fact_" + rng.choice(FACT_TYPES), "arithmetic",
+                                        "smalltalk")), None, False))
+    used: list[str] = []
+    for cat, who, _ in earlier:
+        text, meta = ask(cat, rng, pupils, pupil=who)
+        if meta["category"] == "smalltalk" and meta["kind"] in ("thanks", "bye"):
+            text, meta = ask("arithmetic", rng, pupils)  # no "goodbye" mid-conversation
+        style = _pick(rng, styles)
+        who = next((p for p in pupils if p["name"] == meta.get("pupil")), None)
+        messages += [{"role": "user", "content": text},
+                     {"role": "assistant", "content": answers.respond(meta, who, style, rng)}]
+        used.append(style)
+    if category == "smalltalk" and turns > 1 and rng.random() < 0.7:
+        text, meta = thanks(rng)
+    else:
+        text, meta = ask(category, rng, pupils, pupil=pupil, follow_up=follow_up)
+    messages.append({"role": "user", "content": text})
+    return messages, meta, pupil, used
+
+
+def _draw(book: PromptBook, owner: str, make) -> tuple:
+    for _ in range(_TRIES):
+        result = make()
+        if book.free(result[0], owner):
+            return result
+    raise RuntimeError(f"could not find a new {owner} prompt in {_TRIES} tries; "
+                       "the preset asks for more prompts than the templates can make")
+
+
+def build_eval(rng: random.Random, world: dict, preset: Preset, book: PromptBook) -> list[dict]:
+    """eval.jsonl rows: fact questions about seen and held-out pupils, and the other categories."""
+    seen, held = seen_pupils(world), heldout_pupils(world)
+    plan = []
+    for category in FACT_CATEGORIES:
+        plan += [(category, False)] * preset.eval_fact_seen + [(category, True)] * preset.eval_fact_heldout
+    for category, n in preset.eval_other.items():
+        plan += [(category, category == "story" and i % 2 == 1) for i in range(n)]
+    rows = []
+    for category, heldout in plan:
+        pool = held if heldout else seen
+        messages, meta, pupil, _ = _draw(book, "eval", lambda: conversation(
+            rng, preset, pool, category, {"good": 1.0}))
+        row = {"prompt": messages, "category": category, "heldout": heldout,
+               "turns": sum(m["role"] == "user" for m in messages),
+               "pupil": meta.get("pupil"), "expected": meta.get("expected"),
+               "reference": answers.good(meta, pupil if meta.get("pupil") else None, rng)}
+        for extra in ("kind", "topic"):
+            if extra in meta:
+                row[extra] = meta[extra]
+        rows.append(row)
+    return rows
+
+
+def build_sft(rng: random.Random, world: dict, preset: Preset, book: PromptBook) -> list[dict]:
+    """sft.jsonl rows: conversations ending in an assistant answer of a drawn style."""
+    pupils = seen_pupils(world)
+    rows = []
+    for category in _deal(rng, preset.sft_mix, preset.sft):
+        messages, meta, pupil, styles = _draw(book, "sft", lambda: conversation(
+            rng, preset, pupils, category, preset.styles))
+        style = _pick(rng, preset.styles)
+        who = pupil if meta.get("pupil") else None
+        messages.append({"role": "assistant", "content": answers.respond(meta, who, style, rng)})
+        rows.append({"messages": messages, "category": meta["category"],
+                     "turns": len(styles) + 1, "styles": styles + [style]})
+    return rows
+
+
+def build_prompts(rng: random.Random, world: dict, preset: Preset, book: PromptBook) -> list[dict]:
+    """prompts.jsonl rows for the RL stage: prompts that no other file has."""
+    pupils = seen_pupils(world)
+    rows = []
+    for category in _deal(rng, preset.prompt_mix, preset.prompts):
+        messages, meta, _, _ = _draw(book, "prompts", lambda: conversation(
+            rng, preset, pupils, category, preset.styles))
+        rows.append({"prompt": messages, "category": meta["category"]})
+    return rows
+
+
+def build_prefs(rng: random.Random, world: dict, preset: Preset, book: PromptBook,
+                teacher: Teacher, temperature: float) -> tuple[list[dict], list[float], int]:
+    """prefs.jsonl rows labelled by the noisy rater. Returns (rows, score gaps of all pairs,
+    number of pairs where the rater agreed with the noise-free teacher)."""
+    pupils = seen_pupils(world)
+    categories = _deal(rng, preset.prompt_mix, preset.pref_prompts)
+    n_test = round(preset.pref_test_share * len(categories))
+    rows, gaps, agreed = [], [], 0
+    for i, category in enumerate(categories):
+        split = "test" if i < n_test else "train"
+        messages, meta, pupil, _ = _draw(book, "prefs", lambda: conversation(
+            rng, preset, pupils, category, preset.styles))
+        who = pupil if meta.get("pupil") else None
+        second = _SECOND_FORBIDDEN if meta["category"] == "refuse" else _SECOND
+        for _ in range(preset.pairs_per_prompt):
+            for _ in range(_TRIES):
+                kind_a = _pick(rng, _FIRST)
+                kind_b = _pick(rng, {k: w for k, w in second.items() if k != kind_a})
+                a = answers.variant(kind_a, meta, who, rng)
+                b = answers.variant(kind_b, meta, who, rng)
+                score_a, score_b = teacher.score(messages, a).total, teacher.score(messages, b).total
+                if score_a != score_b:
+                    break
+            else:
+                continue  # no pair with different scores: nothing to learn from it
+            if rng.random() < 0.5:  # which answer comes first says nothing
+                a, b, score_a, score_b = b, a, score_b, score_a
+            pick = teacher.prefer(messages, a, b, rng, temperature)
+            chosen, rejected = (a, b) if pick == 0 else (b, a)
+            s_chosen, s_rejected = (score_a, score_b) if pick == 0 else (score_b, score_a)
+            gaps.append(score_a - score_b)
+            agreed += s_chosen > s_rejected
+            row = {"prompt": messages, "chosen": [{"role": "assistant", "content": chosen}],
+                   "rejected": [{"role": "assistant", "content": rejected}],
+                   "category": meta["category"], "split": split}
+            if split == "test":
+                row.update(gold_chosen=s_chosen > s_rejected, score_chosen=s_chosen,
+                           score_rejected=s_rejected)
+            rows.append(row)
+    return rows, gaps, agreed

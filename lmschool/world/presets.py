@@ -1,0 +1,112 @@
+"""Sizes and shares of the school world, one `Preset` per `--preset` name.
+
+`default` is sized for the default pipeline (all of `lmschool run` in 15 minutes on 2 CPU cores:
+a ~4-layer model reads ~2-3M tokens, so the corpus is ~0.5M tokens, read about five times);
+`tiny` is for tests and runs in well under a second. Every share here is written into
+`world.json` and `README.md` of the generated directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from lmschool.errors import UserError
+
+FACT_CATEGORIES = ("fact_town", "fact_age", "fact_pet", "fact_pet_name", "fact_colour",
+                   "fact_hobby", "fact_food")
+OTHER_CATEGORIES = ("arithmetic", "story", "smalltalk", "refuse")
+CATEGORIES = FACT_CATEGORIES + OTHER_CATEGORIES
+
+
+def _mix(fact: float, arithmetic: float, story: float, smalltalk: float,
+         refuse: float) -> dict[str, float]:
+    """Category shares; the fact share is split evenly over the seven fact types."""
+    shares = {c: fact / len(FACT_CATEGORIES) for c in FACT_CATEGORIES}
+    shares.update(arithmetic=arithmetic, story=story, smalltalk=smalltalk, refuse=refuse)
+    return shares
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How big the world is and how its data sets are mixed."""
+
+    name: str
+    pupils: int = 240
+    """Number of pupils (each has one value for each of the seven fact types)."""
+    heldout_share: float = 0.2
+    """Share of pupils whose facts appear in corpus.txt and eval.jsonl only."""
+
+    # corpus.txt: documents of each kind
+    profiles_per_pupil: int = 8
+    """Short biographies per pupil; the first states every fact in the probe phrasing."""
+    stories: int = 720
+    """Short stories, each about one pupil (round robin), weaving three to five of its facts."""
+    fact_lists: int = 300
+    """Lists that state one fact type for six to ten pupils ("Pets of the pupils: ...")."""
+    town_pages_per_town: int = 4
+    """Pages per town naming the pupils who live there (facts stated in reverse)."""
+    playground: int = 1200
+    """Playground talk: first-person facts, greetings, some rude remarks, some wrong claims."""
+    sums: int = 1000
+    """Pages of two-digit additions and subtractions in digits, in words and as word problems."""
+    quizzes: int = 300
+    """Question-and-answer sheets about pupils that are not held out (no held-out pupil)."""
+    rules: int = 60
+    """School rules with their reasons (the background for polite refusals)."""
+    rude_share: float = 0.25
+    """Share of playground documents with one rude remark."""
+    wrong_share: float = 0.10
+    """Share of playground documents with one wrong claim (a fact or a sum)."""
+
+    # conversations
+    sft: int = 4000
+    """Conversations in sft.jsonl."""
+    prompts: int = 1500
+    """Prompts in prompts.jsonl (none shared with sft.jsonl or eval.jsonl)."""
+    pref_prompts: int = 1500
+    """Prompts in prefs.jsonl; each gives `pairs_per_prompt` pairs."""
+    pairs_per_prompt: int = 2
+    pref_test_share: float = 0.1
+    """Share of preference prompts (and their pairs) in the test split."""
+    eval_fact_seen: int = 12
+    """eval.jsonl questions per fact type about pupils seen in SFT."""
+    eval_fact_heldout: int = 12
+    """eval.jsonl questions per fact type about held-out pupils."""
+    eval_other: dict[str, int] = field(default_factory=lambda: dict(
+        arithmetic=30, refuse=20, story=15, smalltalk=15))
+    """eval.jsonl rows for each non-fact category."""
+    multi_turn_share: float = 0.15
+    """Share of conversations (sft, prompts) with two or three user turns."""
+    system_share: float = 0.1
+    """Share of conversations that open with a system message."""
+    sft_mix: dict[str, float] = field(default_factory=lambda: _mix(0.56, 0.20, 0.085, 0.14, 0.015))
+    """Category shares in sft.jsonl (refusals are deliberately rare)."""
+    prompt_mix: dict[str, float] = field(default_factory=lambda: _mix(0.50, 0.20, 0.10, 0.12, 0.08))
+    """Category shares in prompts.jsonl and prefs.jsonl."""
+    styles: dict[str, float] = field(default_factory=lambda: dict(
+        good=0.72, wordy=0.12, curt=0.08, discourteous=0.08))
+    """Shares of SFT answer styles: wordy (padding), curt (a fragment), discourteous
+    (condescending, or no courtesy where one is due)."""
+
+    def settings(self) -> dict:
+        """The preset as plain JSON values, for world.json."""
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(name="default"),
+    "tiny": Preset(
+        name="tiny", profiles_per_pupil=1, stories=30, fact_lists=20,
+        town_pages_per_town=1, playground=40, sums=30, quizzes=10, rules=5,
+        sft=200, prompts=60, pref_prompts=40, eval_fact_seen=2, eval_fact_heldout=2,
+        eval_other=dict(arithmetic=5, refuse=3, story=2, smalltalk=2)),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`, or a UserError that lists the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
