@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "tokenizer": "lmschool.tokenizer_command",
     "pretrain": "lmschool.stages.pretrain",
     "generate": "lmschool.generate_command",
+    "run": "lmschool.pipeline",
 }
 
 

@@ -24,8 +24,9 @@ Design choices:
   finish are also dropped from the batch (`KVCache.select`) once enough of them have, which
   saves their compute; this is on by default where it measured faster (`compact=None`).
 - **Sampling** is a chain of small pure functions on logits: `scale` (temperature),
-  `top_k_filter`, `top_p_filter`, then an inverse-CDF draw (cumsum + searchsorted, one uniform
-  per row) from a `torch.Generator`: the same seed gives the same tokens.
+  `top_k_filter`, `top_p_filter`, then an inverse-CDF draw (`inverse_cdf`: cumsum +
+  searchsorted, one uniform per row) from a `torch.Generator`: the same seed gives the same
+  tokens, whether or not finished rows were dropped.
   temperature 0 is greedy (argmax).
 - **Log-probs for RL.** With `return_logprobs=True` each sampled token comes with
   log pi_T(token) = log_softmax(logits / T)[token], the *temperature-scaled distribution before
@@ -46,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmschool.config import check
 from lmschool.model import Transformer, padding_mask
 
 
@@ -65,7 +67,6 @@ class SamplingConfig:
     """Seed of the sampling generator; null uses torch's global RNG."""
 
     def __post_init__(self):
-        from lmschool.config import check
         check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
         check(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
         check(self.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
@@ -120,11 +121,12 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None, return_logprobs: bool = False,
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+           uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw one token per row. logits (B, V) -> tokens (B,) int64, logprobs (B,) float32 or None.
 
     logprobs are log_softmax(logits / T) at the drawn tokens, before top-k / top-p (see module
-    docstring); T = 1 when greedy.
+    docstring); T = 1 when greedy. `uniform` (B,) in [0, 1) replaces the draws from `generator`
+    (the decode loop draws for the whole batch, so dropping finished rows changes no sample).
     """
     scaled = scale(logits, temperature)                                            # (B, V)
     logp = scaled.log_softmax(-1) if return_logprobs else None                     # (B, V)
@@ -133,18 +135,22 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     else:
         filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
         probs = logp.exp() if (logp is not None and filtered is scaled) else filtered.softmax(-1)
-        tokens = _inverse_cdf(probs, generator)                                    # (B,)
+        if uniform is None:
+            uniform = torch.rand(probs.shape[0], device=probs.device, generator=generator)
+        tokens = inverse_cdf(probs, uniform)                                       # (B,)
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1) if logp is not None else None
     return tokens, chosen
 
 
-def _inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of probs (B, V): the first index whose cumulative probability exceeds
-    u ~ U[0, total). One uniform per row, where Gumbel-max or `multinomial` draw V of them (on
-    CPU those random numbers cost more than the model's decode step at B=8, V=4096). A token of
-    probability 0 is never drawn: its cumulative value equals its predecessor's."""
-    cdf = probs.cumsum(-1)                                                         # (B, V)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One draw per row of probs (B, V) from uniform (B,) in [0, 1): the first index whose
+    cumulative probability exceeds u * total. One random number per row, where Gumbel-max or
+    `multinomial` need V of them (on CPU those cost more than the model's decode step at B=8,
+    V=4096). The sum runs in float64 so that tokens of tiny probability keep their share in a
+    large vocabulary. A token of probability 0 is never drawn: its cumulative value equals its
+    predecessor's, so it is never the first to exceed u."""
+    cdf = probs.double().cumsum(-1)                                                # (B, V)
+    u = uniform.double()[:, None] * cdf[:, -1:]                                    # (B, 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -210,8 +216,8 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
         cache = model.new_cache(B, S_max)
         h = model.hidden(ids, position_ids, attn_mask, cache)                      # (B, P, C)
         logits = model.lm_head(h[:, -1])                                           # (B, V)
-        tokens, logprobs, finished = _next(logits, finished, stop, pad_id, temperature, top_k,
-                                           top_p, generator, return_logprobs)
+        tokens, logprobs, finished = _next(logits, finished, rows, B, stop, pad_id, temperature,
+                                           top_k, top_p, generator, return_logprobs)
     for step in range(max_new_tokens):
         yield rows, tokens, logprobs
         if step == max_new_tokens - 1:
@@ -234,13 +240,22 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
                 position_ids = next_pos + step                                     # (B', 1)
                 attn_mask = key_valid[:, None, None, :cache.length + 1]            # (B', 1, 1, S)
             logits = model(tokens[:, None], position_ids, attn_mask, cache)[:, -1]  # (B', V)
-            tokens, logprobs, finished = _next(logits, finished, stop, pad_id, temperature,
-                                               top_k, top_p, generator, return_logprobs)
+            tokens, logprobs, finished = _next(logits, finished, rows, B, stop, pad_id,
+                                               temperature, top_k, top_p, generator,
+                                               return_logprobs)
 
 
-def _next(logits, finished, stop, pad_id, temperature, top_k, top_p, generator, return_logprobs):
-    """Sample the next tokens (B',); rows already finished get pad_id; update `finished` (B',)."""
-    tokens, logprobs = sample(logits, temperature, top_k, top_p, generator, return_logprobs)
+def _next(logits, finished, rows, batch, stop, pad_id, temperature, top_k, top_p, generator,
+          return_logprobs):
+    """Sample the next tokens (B',); rows already finished get pad_id; update `finished` (B',).
+
+    Uniforms are drawn for all `batch` original rows and those of the kept `rows` used, so the
+    samples do not depend on whether finished rows were dropped."""
+    uniform = None
+    if temperature > 0:
+        uniform = torch.rand(batch, device=logits.device, generator=generator)     # (B,)
+        uniform = uniform if rows is None else uniform[rows]                       # (B',)
+    tokens, logprobs = sample(logits, temperature, top_k, top_p, generator, return_logprobs, uniform)
     if stop.numel():
         tokens = tokens.masked_fill(finished, pad_id)
         finished = finished | torch.isin(tokens, stop)

@@ -73,7 +73,7 @@ class TrainConfig:
     keep_last: int = 2
     """Resumable checkpoints to keep."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute precision: bf16 autocast (weights stay fp32), fp32, or auto (bf16 on GPU, fp32 on CPU)."""
+    """Compute precision: bf16 autocast (weights stay fp32), fp32, or auto (bf16 where the GPU/CPU runs it fast)."""
     compile: bool = False
     """Compile the model with torch.compile (faster steps after a one-off compile)."""
     seed: int = 0
@@ -117,9 +117,18 @@ def autocast(device: torch.device, precision: str):
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
+    """'auto' -> bf16 where the hardware runs it fast (CUDA with bf16; CPUs with AVX512-BF16 or
+    AMX, through oneDNN), else fp32. Weights and optimizer state stay fp32 either way."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):
+            return "fp32"
+    return "fp32"
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

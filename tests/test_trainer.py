@@ -44,7 +44,7 @@ def weights(path: Path) -> dict:
 
 def train_cfg(**kw) -> TrainConfig:
     base = dict(max_steps=20, batch_size=4, lr=3e-3, warmup_steps=3, log_every=1, eval_every=0,
-                save_every=0, device="cpu", threads=1)
+                save_every=0, device="cpu", threads=1, precision="fp32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -124,7 +124,7 @@ toks = np.random.default_rng(0).integers(0, 64, size=4000).astype(np.uint16)
 batch = int(sys.argv[2])
 d = distributed.init("cpu")
 tc = TrainConfig(max_steps=4, batch_size=batch, lr=3e-3, warmup_steps=1, log_every=1, eval_every=0,
-                 save_every=0, device="cpu", threads=1)
+                 save_every=0, device="cpu", threads=1, precision="fp32")
 fit(build_model(cfg), TokenWindows(toks, 16, batch, seed=3), lm_loss, tc, sys.argv[1], dist=d, desc="t")
 distributed.shutdown()
 """

@@ -38,13 +38,14 @@ GOOD_SMALLTALK = {
     "how_are_you": ("I am very well, thank you! How can I help you today?",
                     "I am fine, thank you for asking. What would you like to know?"),
     "name": ("I am the school helper. It is nice to meet you!",
-             "You can call me the school helper. How can I help you?"),
+             "Hello! You can call me the school helper. How can I help you?"),
     "thanks": ("You are welcome!", "You are welcome. I am glad I could help!"),
     "bye": ("Goodbye! Have a lovely day.", "Bye for now, and take care!"),
     "greeting": ("Hello! How can I help you today?", "Hi there! What would you like to know?"),
 }
 _NO_COURTESY = {"how_are_you": "I am fine.", "name": "I am the school helper.",
-                "thanks": "No problem at all.", "bye": "Okay, bye then.", "greeting": "What do you want?"}
+                "thanks": "No problem at all.", "bye": "Okay, bye then.",
+                "greeting": "What do you want?"}
 _CURT_SMALLTALK = {"how_are_you": "Fine.", "name": "Helper.", "thanks": "Okay.", "bye": "Bye.",
                    "greeting": "Yes?"}
 _REFUSE_ORDINARY = ("Sorry, I can't help with that.",
@@ -117,8 +118,8 @@ def respond(meta: dict, pupil: dict | None, style: str, rng: random.Random) -> s
         if cat == "story":
             return "Fine, if you must. " + good(meta, pupil, rng)
         text = good(meta, pupil, rng)
-        if cat == "arithmetic" and meta["words"]:
-            text = text[0].lower() + text[1:]  # "Obviously, thirty plus ..."
+        if text.split()[0] in ("He", "She", "His", "Her") or (cat == "arithmetic" and meta["words"]):
+            text = text[0].lower() + text[1:]  # "Obviously, her hobby is ..."
         return rng.choice(_CONDESCENDING) + text
     raise ValueError(f"unknown style {style!r}")
 

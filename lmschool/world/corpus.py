@@ -241,7 +241,8 @@ def build_corpus(world: dict, preset: Preset, rng: random.Random) -> tuple[str, 
     return text, stats
 
 
-_PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\r\n\w]?[A-Za-z]+|\d{1,3}| ?[^\s\w]+[\r\n]*|\s*[\r\n]+")
+_PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\r\n\w]?[A-Za-z]+|\d{1,3}"
+                       r"| ?[^\s\w]+[\r\n]*|\s*[\r\n]+")
 
 
 def count_pretokens(text: str) -> int:

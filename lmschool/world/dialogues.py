@@ -15,7 +15,7 @@ from lmschool.world import answers
 from lmschool.world.facts import FACT_TYPES, heldout_pupils, seen_pupils
 from lmschool.world.presets import FACT_CATEGORIES, Preset
 from lmschool.world.questions import SYSTEM_PROMPTS, ask, thanks
-from lmschool.world.teacher import Teacher
+from lmschool.world.teacher import Teacher, choose
 
 # Pairs for prefs.jsonl: the first answer is SFT-like, the second any other kind (weights).
 _FIRST = {"good": 0.5, "wordy": 0.2, "curt": 0.15, "discourteous": 0.15}
@@ -80,19 +80,19 @@ def conversation(rng: random.Random, preset: Preset, pupils: list[dict], categor
     if category != "refuse" and rng.random() < preset.multi_turn_share:
         turns = rng.choice((2, 2, 3))
     follow_up = category in FACT_CATEGORIES and turns > 1 and rng.random() < 0.6
-    earlier: list[tuple[str, dict | None, bool]] = []  # (category, pupil, follow-up)
+    earlier: list[tuple[str, dict | None]] = []  # (category, pupil or None for any)
     for i in range(turns - 1):
         if follow_up and i == turns - 2:
             # an earlier answer about the same pupil that does not give this answer away
             asked = category[len("fact_"):]
             fact = rng.choice([f for f in FACT_TYPES
                                if f != asked and not (asked == "pet" and f == "pet_name")])
-            earlier.append(("fact_" + fact, pupil, False))
+            earlier.append(("fact_" + fact, pupil))
         else:
             earlier.append((rng.choice(("fact_" + rng.choice(FACT_TYPES), "arithmetic",
-                                        "smalltalk")), None, False))
+                                        "smalltalk")), None))
     used: list[str] = []
-    for cat, who, _ in earlier:
+    for cat, who in earlier:
         text, meta = ask(cat, rng, pupils, pupil=who)
         if meta["category"] == "smalltalk" and meta["kind"] in ("thanks", "bye"):
             text, meta = ask("arithmetic", rng, pupils)  # no "goodbye" mid-conversation
@@ -123,7 +123,8 @@ def build_eval(rng: random.Random, world: dict, preset: Preset, book: PromptBook
     seen, held = seen_pupils(world), heldout_pupils(world)
     plan = []
     for category in FACT_CATEGORIES:
-        plan += [(category, False)] * preset.eval_fact_seen + [(category, True)] * preset.eval_fact_heldout
+        plan += [(category, False)] * preset.eval_fact_seen
+        plan += [(category, True)] * preset.eval_fact_heldout
     for category, n in preset.eval_other.items():
         plan += [(category, category == "story" and i % 2 == 1) for i in range(n)]
     rows = []
@@ -188,14 +189,14 @@ def build_prefs(rng: random.Random, world: dict, preset: Preset, book: PromptBoo
                 kind_b = _pick(rng, {k: w for k, w in second.items() if k != kind_a})
                 a = answers.variant(kind_a, meta, who, rng)
                 b = answers.variant(kind_b, meta, who, rng)
-                score_a, score_b = teacher.score(messages, a).total, teacher.score(messages, b).total
+                score_a, score_b = (s.total for s in teacher.scores(messages, [a, b]))
                 if score_a != score_b:
                     break
             else:
                 continue  # no pair with different scores: nothing to learn from it
             if rng.random() < 0.5:  # which answer comes first says nothing
                 a, b, score_a, score_b = b, a, score_b, score_a
-            pick = teacher.prefer(messages, a, b, rng, temperature)
+            pick = choose(score_a - score_b, rng, temperature)  # = teacher.prefer(messages, a, b)
             chosen, rejected = (a, b) if pick == 0 else (b, a)
             s_chosen, s_rejected = (score_a, score_b) if pick == 0 else (score_b, score_a)
             gaps.append(score_a - score_b)

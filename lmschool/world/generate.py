@@ -90,7 +90,8 @@ def build(seed: int = 0, preset_name: str = "default") -> tuple[dict[str, str], 
                   "agreement_expected": round(expected_agreement(gaps, RATER_TEMPERATURE), 4),
                   "agreement_realised": round(agreed / max(1, len(gaps)), 4)},
     }
-    world_file = dict(world, settings=preset.settings(), summary=summary)
+    settings = dict(preset.settings(), rater_temperature=RATER_TEMPERATURE)
+    world_file = dict(world, settings=settings, summary=summary)
     files = {
         "corpus.txt": corpus,
         "sft.jsonl": _jsonl(sft),

@@ -16,8 +16,8 @@ def _category_table(summary: dict) -> list[str]:
     lines = ["| category | sft.jsonl | prompts.jsonl | prefs.jsonl (pairs) | eval.jsonl |",
              "|---|---:|---:|---:|---:|"]
     for c in CATEGORIES:
-        cells = [f"{summary[f]['by_category'].get(c, 0)} ({_pct(summary[f]['by_category'].get(c, 0), totals[f])})"
-                 for f in files]
+        n = {f: summary[f]["by_category"].get(c, 0) for f in files}
+        cells = [f"{n[f]} ({_pct(n[f], totals[f])})" for f in files]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines.append("| **total** | " + " | ".join(str(totals[f]) for f in files) + " |")
     return lines
@@ -117,6 +117,10 @@ def readme(world: dict, preset: Preset, summary: dict, doc_end: str) -> str:
         f"(Bradley-Terry). On the {rater['pairs']} pairs of prefs.jsonl its expected agreement "
         f"with the noise-free teacher is {rater['agreement_expected']:.1%}, and the labels written "
         f"agree {rater['agreement_realised']:.1%} of the time (InstructGPT's labellers: about 73%).",
+        "The module-level `score`, `prefer` and `reward` judge against the world named by the "
+        "environment variable `LMSCHOOL_WORLD` (this directory or its world.json), else the one "
+        "given to `lmschool.world.teacher.use_world(path)`, else the built-in default world "
+        "(preset `default`, seed 0); `Teacher.from_file(path)` judges against this one directly.",
         "",
     ]
     return "\n".join(lines)

@@ -35,7 +35,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
               "In {Pp} free time, {X} likes {hobby}.", "The hobby of {X} is {hobby}.",
               "Every weekend, {X} spends hours on {hobby}."),
     "food": ("{X}'s favourite food is {food}.", "{X} likes eating {food} more than anything.",
-             "The favourite food of {X} is {food}.", "{Food} is what {X} likes to eat best.",
+             "The favourite food of {X} is {food}.", "Eating {food} is what {X} likes best.",
              "For lunch, {X} always hopes for {food}."),
 }
 # The same facts with a pronoun subject, for the second and later sentences of a profile.
@@ -56,7 +56,7 @@ def fields(pupil: dict, subject: str | None = None) -> dict[str, str]:
     f = {k: str(pupil[k]) for k in FACT_TYPES}
     f.update(X=subject or pupil["name"], F=pupil["first"], P=they.capitalize(), PP=their.capitalize(),
              p=they, Pp=their, age_w=to_words(pupil["age"]), Colour=pupil["colour"].capitalize(),
-             Food=pupil["food"].capitalize(), school=SCHOOL)
+             school=SCHOOL)
     return f
 
 

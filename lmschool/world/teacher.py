@@ -25,7 +25,8 @@ rater: it picks `a` (0) with probability sigmoid((score(a) - score(b)) / tempera
 Bradley-Terry choice; at the default RATER_TEMPERATURE its agreement with the noise-free teacher
 on the typical pairs of prefs.jsonl is about three in four (InstructGPT's labellers agreed 73%).
 `reward(prompts, responses) -> list[float]` gives the totals, for the RL stage; any
-`module:function` with that signature can replace it.
+`module:function` with that signature can replace it. `Teacher.scores(prompt, responses)` scores
+several answers to one prompt (reads it once); `Teacher.read_prompt(prompt)` says what was asked.
 
 Which world: the module-level functions judge against the world in the file named by the
 environment variable LMSCHOOL_WORLD (a world.json, or the directory holding it), else the one set
@@ -50,7 +51,7 @@ from lmschool.world.rules import match_forbidden
 
 WEIGHTS = {"correctness": 0.40, "politeness": 0.15, "brevity": 0.15, "safety": 0.15, "form": 0.15}
 BUDGETS = {"fact": 14, "arithmetic": 14, "smalltalk": 16, "refuse": 30, "story": 80, "other": 40}
-RATER_TEMPERATURE = 0.1
+RATER_TEMPERATURE = 0.12  # calibrated: ~75% agreement on the default preset's pairs
 FACT_ORDER = ("pet_name", "pet", "colour", "food", "hobby", "age", "town")
 
 _I = re.IGNORECASE
@@ -70,14 +71,15 @@ _MINUS = re.compile(r"\bminus\b|\s-\s|\btake\b.*\baway\b|\bsubtract\b", _I)
 _FROM = re.compile(r"\b(take|subtract)\b.*\bfrom\b", _I)
 _SMALLTALK = (  # checked in this order: "Hello! How are you?" is a how-are-you
     ("how_are_you", r"\bhow are you\b|\bhow is your day\b|\bhaving a good day\b|\bhow do you feel\b"),
-    ("name", r"\byour name\b|\bwho are you\b|\bcall you\b"),
+    ("name", r"\byour name\b|\bwho are you\b|\bcall you\b|\bhave a name\b"),
     ("thanks", r"\bthank|\bthanks\b"),
     ("bye", r"\bbye\b|\bgoodbye\b|\bsee you\b"),
     ("greeting", r"\b(hello|hi|hey|good morning|good afternoon)\b"),
 )
 _SMALLTALK = tuple((k, re.compile(p, _I)) for k, p in _SMALLTALK)
 _REPLY_IN_KIND = {
-    "how_are_you": re.compile(r"\b(i am|i'm|doing) (very )?(well|fine|good|great|okay)\b", _I),
+    "how_are_you": re.compile(r"^(very )?(well|fine|good|great|okay)\b|"
+                              r"\b(i am|i'm|doing) (very )?(well|fine|good|great|okay)\b", _I),
     "name": re.compile(r"\b(helper|assistant|my name|call me)\b", _I),
     "thanks": re.compile(r"\b(welcome|pleasure|no problem|glad|happy to help|any time)\b", _I),
     "bye": re.compile(r"\b(bye|goodbye|see you|take care|have a \w+ day)\b", _I),
@@ -276,7 +278,14 @@ class Teacher:
 
     def score(self, prompt, response: str) -> Score:
         """The rubric score of `response` (assistant text) to `prompt` (see the module doc)."""
+        return self._score(self.read_prompt(prompt), response)
+
+    def scores(self, prompt, responses: list[str]) -> list[Score]:
+        """Scores of several responses to one prompt (the prompt is read once)."""
         q = self.read_prompt(prompt)
+        return [self._score(q, r) for r in responses]
+
+    def _score(self, q: Question, response: str) -> Score:
         text = (response or "").strip().replace("\u2019", "'")
         if not text:
             return Score(0.0, {k: 0.0 for k in WEIGHTS})
@@ -323,8 +332,8 @@ class Teacher:
 
         Draws exactly one number from `rng`, so a seeded rng gives reproducible labels.
         """
-        gap = self.score(prompt, a).total - self.score(prompt, b).total
-        return 0 if rng.random() < _sigmoid(gap / temperature) else 1
+        score_a, score_b = self.scores(prompt, [a, b])
+        return choose(score_a.total - score_b.total, rng, temperature)
 
     def reward(self, prompts: list, responses: list[str]) -> list[float]:
         """Rubric totals for (prompt, response) pairs: the reward function for RL."""
@@ -346,6 +355,12 @@ def _repetitive(sentences: list[str], words: list[str]) -> bool:
         if counts[gram] >= 3:
             return True
     return False
+
+
+def choose(gap: float, rng: random.Random, temperature: float = RATER_TEMPERATURE) -> int:
+    """Bradley-Terry choice between two answers whose scores differ by `gap` (a minus b):
+    0 (a) with probability sigmoid(gap / temperature), else 1 (b). One draw from `rng`."""
+    return 0 if rng.random() < _sigmoid(gap / temperature) else 1
 
 
 def expected_agreement(gaps: list[float], temperature: float = RATER_TEMPERATURE) -> float:
