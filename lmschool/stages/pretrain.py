@@ -35,7 +35,7 @@ from lmschool.model import ModelConfig, build_model
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, prepare_run_dir,
                                     save_resolved_config, write_summary)
 from lmschool.tokenizer import Tokenizer, train_tokenizer
-from lmschool.trainer import TrainConfig, fit
+from lmschool.trainer import TrainConfig, autocast, fit
 
 HELP = "stage 1: pre-train a model on a text corpus (next-token prediction)"
 
@@ -54,8 +54,8 @@ class PretrainConfig(TrainConfig):
     """Train a pure byte-level tokenizer (no merges) instead of BPE."""
     val_fraction: float = 0.05
     """Share of documents held out for validation."""
-    eval_tokens: int = 131072
-    """Validation tokens used at each periodic evaluation (the final one uses the whole split)."""
+    eval_tokens: int = 262144
+    """Validation tokens used by each evaluation (0 = the whole split)."""
     samples: int = 3
     """Number of sample continuations written to summary.json."""
 
@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
     text_tokens = meta["val"]["tokens"] - meta["val"]["documents"]
     bytes_per_token = meta["val"]["bytes"] / max(text_tokens, 1)
 
-    def evaluate(m, max_tokens=cfg.eval_tokens):
-        return lm_loss_and_bpb(m, val_batches(val_tokens, cfg.seq_len, cfg.batch_size, max_tokens),
+    def evaluate(m):
+        return lm_loss_and_bpb(m, val_batches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_tokens or None),
                                special_ids=special, bytes_per_text_token=bytes_per_token)
 
     data = TokenWindows(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
@@ -128,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     if dist.is_main:
         model = trainer.model.eval()
-        with torch.no_grad():
-            full = evaluate(model, max_tokens=None)
+        full = final  # fit's closing evaluation (eval_tokens of the validation split)
         summary = {
             "stage": "pretrain",
             "val_loss": full["val_loss"],
@@ -142,9 +141,12 @@ def run(args: argparse.Namespace) -> int:
             "tokens_seen": trainer.tokens_seen * dist.world_size,
             "epochs": trainer.tokens_seen * dist.world_size / max(meta["train"]["tokens"], 1),
             "seconds": timer.seconds,
+            "val_tokens_evaluated": full["val_tokens"],
+            "precision": trainer.precision,
             "samples": sample_continuations(model, tokenizer, val_tokens, cfg),
         }
-        summary.update(school_world_probes(model, tokenizer, args.data))
+        with torch.no_grad(), autocast(trainer.device, trainer.precision):
+            summary.update(school_world_probes(model, tokenizer, args.data))
         write_summary(out, summary)
         print(f"pretrain: val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits per byte, "
               f"{summary['steps']} steps in {summary['seconds']:.0f}s -> {out / 'model'}")
