@@ -55,8 +55,17 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 
 
 def data(seed=0) -> TokenWindows:
-    toks = np.random.default_rng(seed).integers(0, L4_256.vocab_size, size=2_000_000).astype(np.uint16)
-    return TokenWindows(toks, SEQ, BATCH, seed=seed)
+    """The school world's corpus (default preset) under a 4096-token BPE: real text, so the loss
+    curves mean something."""
+    from lmschool.data.text import read_documents
+    from lmschool.tokenizer import train_tokenizer
+    from lmschool.world.generate import write
+    with tempfile.TemporaryDirectory() as tmp:
+        write(Path(tmp) / "w", seed=0, preset_name="default")
+        docs = list(read_documents(Path(tmp) / "w" / "corpus.txt"))
+    tok = train_tokenizer(docs, L4_256.vocab_size)
+    ids = [t for doc in tok.encode_batch(docs, add_special_tokens=False) for t in (*doc, tok.eos_id)]
+    return TokenWindows(np.array(ids, dtype=np.uint16), SEQ, BATCH, seed=seed)
 
 
 def time_steps(step_fn, batches, warmup: int) -> tuple[float, list[float]]:

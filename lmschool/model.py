@@ -124,10 +124,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -148,14 +148,11 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half RoPE: x * cos + cat(-x2, x1) * sin, with the minus sign folded into
+    `signed_sin` = cat(-sin, sin) (one op fewer, same numbers). x (B, H, T, D); cos (B, 1, T, D)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos, sin (B, 1, T, D)."""
-    return x * cos + rotate_half(x) * sin
+    return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
 
 
 class KVCache:
@@ -264,14 +261,16 @@ class Backbone(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             start = cache.length if cache is not None else 0
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None]  # (1, T)
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]   # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)                                      # (B, T, D)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat((cos, cos), dim=-1)                                          # (b, T, D)
+        sin = torch.cat((-sin, sin), dim=-1)                                         # (b, T, D)
         if cache is not None and attn_mask is None and T > 1 and cache.length > 0:
             valid = torch.ones(B, cache.length + T, dtype=torch.bool, device=input_ids.device)
             attn_mask = padding_mask(valid, T)                                        # (B, 1, T, S)
         x = self.embed_tokens(input_ids)                                             # (B, T, C)
-        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]    # (B, 1, T, D)
+        cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]                # (b, 1, T, D)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, None,
