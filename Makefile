@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lmschool run --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -8,8 +8,8 @@ same batches and use the same AdamW settings; both are measured in this one run 
 is shared and absolute speeds drift). MFU = model FLOPs per token (6N + attention) x tokens/s,
 over the machine's measured matmul ceiling at the same precision.
 
-Rows: transformers fp32, transformers bf16 autocast, lmschool fp32, lmschool bf16 autocast,
-lmschool bf16 + torch.compile. With --curve-steps, also trains lmschool fp32 and its best
+Rows: transformers fp32, transformers bf16 autocast, lmschool fp32, lmschool fp32 +
+torch.compile, lmschool bf16 autocast, lmschool bf16 + torch.compile. With --curve-steps, also trains lmschool fp32 and its best
 configuration for that many steps on the same data and prints both loss curves (same learning).
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import json
 import platform
 import statistics
@@ -25,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lmschool  # noqa: E402,F401  (its OMP_WAIT_POLICY default applies to both sides)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from lmschool.checkpoint import save_model  # noqa: E402
 from lmschool.data.pretrain import TokenWindows  # noqa: E402
@@ -68,17 +69,8 @@ def data(seed=0) -> TokenWindows:
     return TokenWindows(np.array(ids, dtype=np.uint16), SEQ, BATCH, seed=seed)
 
 
-def time_steps(step_fn, batches, warmup: int) -> tuple[float, list[float]]:
-    losses, times = [], []
-    for i, b in enumerate(batches):
-        t = time.perf_counter()
-        losses.append(step_fn(b))
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), losses
-
-
-def bench_transformers(path: Path, batches, precision: str, warmup: int):
+def transformers_step(path: Path, precision: str):
+    """A plain PyTorch loop over transformers.LlamaForCausalLM: forward, loss, backward, clip, step."""
     import transformers
     model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                           attn_implementation="sdpa").train()
@@ -95,14 +87,14 @@ def bench_transformers(path: Path, batches, precision: str, warmup: int):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    return time_steps(step, batches, warmup)
+    return step
 
 
-def bench_lmschool(batches, precision: str, compile_: bool, warmup: int, max_steps: int, run_dir: Path):
+def lmschool_step(precision: str, compile_: bool, max_steps: int, run_dir: Path):
     cfg = TrainConfig(max_steps=max_steps, batch_size=BATCH, lr=1e-3, warmup_steps=0, schedule="constant",
                       precision=precision, compile=compile_, device="cpu", grad_clip=1.0)
     trainer = Trainer(build_model(L4_256, seed=0), lm_loss, cfg, run_dir, progress=False)
-    return time_steps(lambda b: trainer.train_step([b])["loss"], batches, warmup)
+    return lambda b: trainer.train_step([b])["loss"]
 
 
 def main() -> None:
@@ -124,31 +116,44 @@ def main() -> None:
         path = Path(tmp) / "l4"
         save_model(path, build_model(L4_256, seed=0))
         configs = [("transformers", "fp32", False), ("transformers", "bf16", False),
-                   ("lmschool", "fp32", False), ("lmschool", "bf16", False), ("lmschool", "bf16", True)]
-        for side, precision, comp in configs:
-            warm = args.warmup + (5 if comp else 0)
-            runs = batches + batches[:5] if comp else batches
-            if side == "transformers":
-                sec, _ = bench_transformers(path, runs, precision, warm)
-            else:
-                sec, _ = bench_lmschool(runs, precision, comp, warm, 10 ** 6, Path(tmp) / "run")
-            tps = BATCH * SEQ / sec
+                   ("lmschool", "fp32", False), ("lmschool", "fp32", True), ("lmschool", "bf16", False),
+                   ("lmschool", "bf16", True)]
+        steps = {}
+        for side, precision, comp in configs:       # build and warm up (compiles) every side first
+            fn = (transformers_step(path, precision) if side == "transformers"
+                  else lmschool_step(precision, comp, 10 ** 6, Path(tmp) / f"run-{precision}-{comp}"))
+            for b in batches[:args.warmup + (3 if comp else 0)]:
+                fn(b)
+            steps[(side, precision, comp)] = fn
+        # interleaved rounds: every side sees the same drift of a shared machine
+        times = {k: [] for k in steps}
+        per_round = 4
+        for r in range(max(1, args.steps // per_round)):
+            for k, fn in steps.items():
+                t = time.perf_counter()
+                for b in batches[r * per_round:(r + 1) * per_round]:
+                    fn(b)
+                times[k].append((time.perf_counter() - t) / per_round)
+        for (side, precision, comp), ts in times.items():
+            tps = BATCH * SEQ / statistics.median(ts)
             rows.append({"side": side, "precision": precision, "compile": comp, "tokens_per_s": tps,
                          "mfu": tps * flops_tok / ceilings[precision]})
             print(f"{side:13s} {precision} compile={comp!s:5s} {tps:8.0f} tok/s  MFU {rows[-1]['mfu']:.2f}",
                   flush=True)
+        del steps
 
         curves = {}
         if args.curve_steps:
             cb = [src.micro_batches(10_000 + s, 1, 0, 1)[0] for s in range(args.curve_steps)]
             best = max((r for r in rows if r["side"] == "lmschool"), key=lambda r: r["tokens_per_s"])
             for name, prec, comp in [("fp32", "fp32", False), ("best", best["precision"], best["compile"])]:
-                _, losses = bench_lmschool(cb, prec, comp, 0, args.curve_steps, Path(tmp) / f"c{name}")
-                curves[name] = losses
+                fn = lmschool_step(prec, comp, args.curve_steps, Path(tmp) / f"c{name}")
+                curves[name] = [fn(b) for b in cb]
 
     base = next(r for r in rows if r["side"] == "transformers" and r["precision"] == "fp32")["tokens_per_s"]
     base_bf16 = next(r for r in rows if r["side"] == "transformers" and r["precision"] == "bf16")["tokens_per_s"]
     print()
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (both sides)")
     print(f"matmul ceiling (2 threads): fp32 {ceilings['fp32'] / 1e9:.0f} GFLOP/s, bf16 {ceilings['bf16'] / 1e9:.0f} GFLOP/s")
     print("| side | precision | torch.compile | tokens/s | MFU | vs transformers fp32 | vs transformers same precision |")
     print("|---|---|---|---:|---:|---:|---:|")
@@ -163,7 +168,7 @@ def main() -> None:
             print(f"  steps {i:3d}-{i + 19:3d}: fp32 {a[i:i + 20].mean():.4f}  best {b[i:i + 20].mean():.4f}")
         print(f"  final 20-step mean difference: {abs(a[-20:].mean() - b[-20:].mean()):.4f}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ceilings": ceilings, "curves": curves,
+        args.json.write_text(json.dumps({"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": rows, "ceilings": ceilings, "curves": curves,
                                          "torch": torch.__version__, "machine": platform.processor()}, indent=2))
 
 

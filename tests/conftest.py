@@ -3,6 +3,7 @@
 import os
 import random
 
+import lmschool  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads OpenMP)
 import numpy as np
 import pytest
 import torch
