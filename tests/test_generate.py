@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from lmschool.generate import (
+    PackedLinears,
     SamplingConfig,
+    compile_for_generation,
     generate,
     sample,
     stream,
@@ -144,6 +146,41 @@ def test_stream_yields_what_generate_returns(model):
     assert not torch.is_inference_mode_enabled()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_weights_equal_plain_linears(bias):
+    cfg = ModelConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, qkv_bias=bias, max_position_embeddings=64)
+    model = build_model(cfg, seed=1).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+        model.lm_head.weight.mul_(10)
+    if PackedLinears.maybe(model, 4) is None:
+        pytest.skip("no oneDNN packed linears on this machine")
+    packed = generate(model, PROMPTS, 10, temperature=0.8, seed=2, return_logprobs=True)
+    plain = generate(model, PROMPTS, 10, temperature=0.8, seed=2, return_logprobs=True, pack_weights=False)
+    assert packed.tokens == plain.tokens
+    assert torch.allclose(torch.tensor(packed.logprobs), torch.tensor(plain.logprobs), atol=1e-4)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
+
+
+@pytest.mark.slow
+def test_compile_for_generation_equals_eager_and_refuses_changed_weights(model):
+    import copy
+
+    own = copy.deepcopy(model)
+    compiled = compile_for_generation(own)
+    expected = generate(model, PROMPTS, 8, temperature=1.0, seed=3, stop_ids=[23], return_logprobs=True)
+    got = generate(compiled, PROMPTS, 8, temperature=1.0, seed=3, stop_ids=[23], return_logprobs=True)
+    assert got.tokens == expected.tokens
+    assert torch.allclose(torch.tensor(sum(got.logprobs, [])), torch.tensor(sum(expected.logprobs, [])), atol=1e-4)
+    with torch.no_grad():
+        own.lm_head.weight.mul_(2)
+    with pytest.raises(ValueError, match="changed after compile_for_generation"):
+        generate(compiled, PROMPTS, 2)
+
+
 def test_bf16_autocast_runs(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = generate(model, PROMPTS, 6, temperature=1.0, seed=0, return_logprobs=True)
@@ -158,6 +195,8 @@ def test_edge_cases(model):
         generate(model, [[1], []], 3)
     with pytest.raises(Exception, match="top_p"):
         SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="LM head"):
+        generate(build_model(model.config, head="score"), PROMPTS, 2)
 
 
 # ---- the command ------------------------------------------------------------------------------

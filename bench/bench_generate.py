@@ -1,0 +1,158 @@
+"""Benchmark: lmschool `generate` vs `transformers` `generate` (KV cache), side by side in one run.
+
+    .venv/bin/python bench/bench_generate.py            # prints the table, writes bench/RESULTS_generate.md
+    .venv/bin/python bench/bench_generate.py --quick    # 1 repeat, no file written
+
+Model "L4-256" (vocab 4096, hidden 256, intermediate 688, 4 layers, 4 heads, tied embeddings),
+random weights, saved with `lmschool.checkpoint.save_model` and loaded from that directory by both
+sides. Prompts of 64 random tokens, 128 new tokens, sampling at temperature 1 with no top-k/top-p
+and no stop id (every row runs to 128 tokens), torch.set_num_threads(2). Each configuration has
+a warm-up run, then the repeats are interleaved (transformers, ours, ours-bf16, ...) so that
+drift on a shared machine hits every row alike; the median is reported.
+
+Rows:
+- transformers: `LlamaForCausalLM.generate(do_sample=True)`, its default dynamic KV cache.
+- transformers static cache: the same with `cache_implementation="static"`.
+- lmschool float32: `lmschool.generate.generate` (linear weights packed once per call, the
+  default on CPU), and the same with `pack_weights=False`.
+- lmschool compile_for_generation: `torch.compile` with inductor freezing (weights frozen and
+  pre-packed, for a policy that no longer changes, e.g. `lmschool label`); compile time excluded
+  (done in the warm-up run, reported below the table).
+- lmschool bf16 autocast: the same call under `torch.autocast("cpu", torch.bfloat16)`.
+- lmschool bf16 weights: a bf16 copy of the model (`model.to(torch.bfloat16)`), no autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmschool.checkpoint import load_model, save_model  # noqa: E402
+from lmschool.generate import compile_for_generation, generate  # noqa: E402
+from lmschool.model import ModelConfig, build_model  # noqa: E402
+
+L4_256 = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                     num_attention_heads=4, tie_word_embeddings=True, max_position_embeddings=256)
+PROMPT_LEN, NEW_TOKENS = 64, 128
+COMMAND = ".venv/bin/python bench/bench_generate.py"
+
+
+def ours(model, autocast: bool = False, **kwargs):
+    def run(prompts: torch.Tensor, seed: int) -> int:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            out = generate(model, prompts.tolist(), NEW_TOKENS, temperature=1.0, seed=seed, **kwargs)
+        return sum(len(t) for t in out.tokens)
+    return run
+
+
+def theirs(hf_model, **gen_kwargs):
+    def run(prompts: torch.Tensor, seed: int) -> int:
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS,
+                                    min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0,
+                                    **gen_kwargs)
+        return (out.shape[1] - prompts.shape[1]) * out.shape[0]
+    return run
+
+
+def measure(runs: dict, batch: int, repeats: int, warmup: dict) -> dict[str, float]:
+    """Median generated tokens/s per configuration, repeats interleaved across configurations."""
+    prompts = torch.randint(4, L4_256.vocab_size, (batch, PROMPT_LEN),
+                            generator=torch.Generator().manual_seed(batch))
+    for name, run in runs.items():  # warm-up (compiles where there is something to compile)
+        t0 = time.perf_counter()
+        run(prompts, 0)
+        warmup[f"{name}, batch {batch}"] = time.perf_counter() - t0
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            n = run(prompts, r + 1)
+            speeds[name].append(n / (time.perf_counter() - t0))
+            assert n == batch * NEW_TOKENS, f"{name} generated {n} tokens, expected {batch * NEW_TOKENS}"
+    return {name: statistics.median(v) for name, v in speeds.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat, do not write the results file")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS_generate.md")
+    args = parser.parse_args()
+    repeats = 1 if args.quick else 3
+    torch.set_num_threads(2)
+
+    import transformers
+    from transformers import LlamaForCausalLM
+    transformers.logging.set_verbosity_error()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(Path(tmp) / "L4-256", build_model(L4_256, seed=0))
+        model = load_model(Path(tmp) / "L4-256", head="lm").eval()
+        hf = LlamaForCausalLM.from_pretrained(Path(tmp) / "L4-256", dtype=torch.float32).eval()
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    compiled = compile_for_generation(copy.deepcopy(model))
+
+    runs = {
+        "transformers generate (dynamic cache), float32": theirs(hf),
+        "transformers generate (static cache), float32": theirs(hf, cache_implementation="static"),
+        "lmschool generate, float32, unpacked weights": ours(model, pack_weights=False),
+        "lmschool generate, float32": ours(model),
+        "lmschool generate, float32, compile_for_generation": ours(compiled),
+        "lmschool generate, bf16 autocast": ours(model, autocast=True),
+        "lmschool generate, bf16 weights": ours(model_bf16),
+    }
+    baseline = "transformers generate (dynamic cache), float32"
+    warmup: dict[str, float] = {}
+    load_before = os.getloadavg()[0]
+    results = {b: measure(runs, b, repeats, warmup) for b in (8, 1)}
+    load_after = os.getloadavg()[0]
+
+    lines = [
+        "# Generation throughput: lmschool vs transformers",
+        "",
+        f"Model L4-256 (random weights), {PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, sampling at "
+        f"temperature 1, no stop; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()} "
+        f"(CPU capability {torch.backends.cpu.get_cpu_capability()}). Median of {repeats} interleaved runs "
+        "after a warm-up; generated tokens/s (higher is better), and the ratio to transformers' default "
+        "generate in the same run.",
+        "",
+        "| configuration | batch 8 tok/s | vs transformers | batch 1 tok/s | vs transformers |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in runs:
+        cells = []
+        for b in (8, 1):
+            v = results[b][name]
+            cells += [f"{v:,.0f}", f"{v / results[b][baseline]:.2f}x"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    compile_s = [f"{v:.0f} s" for k, v in warmup.items() if "compile_for_generation" in k]
+    lines += ["", f"1-minute load average {load_before:.1f} before, {load_after:.1f} after "
+              f"(on {os.cpu_count()} CPUs; above ~0.5 another process was competing and the numbers are noisy)."]
+    lines += ["", f"Warm-up of compile_for_generation (includes compiling): {', '.join(compile_s)} "
+              "(batch 8, batch 1).", "", f"Reproduce: `{COMMAND}`", ""]
+    table = "\n".join(lines)
+    print(table)
+    if not args.quick:
+        args.out.write_text(table)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
