@@ -24,7 +24,10 @@ COMMANDS: dict[str, str] = {
     "world": "lmschool.world.command",
     "tokenizer": "lmschool.tokenizer_command",
     "pretrain": "lmschool.stages.pretrain",
+    "sft": "lmschool.stages.sft",
     "generate": "lmschool.generate_command",
+    "chat": "lmschool.chat",
+    "eval": "lmschool.eval_command",
     "run": "lmschool.pipeline",
 }
 

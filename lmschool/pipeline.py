@@ -47,6 +47,10 @@ STAGES = [
     Stage("pretrain", "summary.json",
           lambda out, preset, o: ["pretrain", "--data", str(out / "world" / "corpus.txt"),
                                   "--out", str(out / "pretrain"), *_config("pretrain", preset), *o]),
+    Stage("sft", "summary.json",
+          lambda out, preset, o: ["sft", "--init", str(out / "pretrain"), "--data", str(out / "world" / "sft.jsonl"),
+                                  "--eval", str(out / "world" / "eval.jsonl"), "--out", str(out / "sft"),
+                                  *_config("sft", preset), *o]),
 ]
 NAMES = [s.name for s in STAGES]
 
