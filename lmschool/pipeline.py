@@ -49,7 +49,8 @@ STAGES = [
                                   "--out", str(out / "pretrain"), *_config("pretrain", preset), *o]),
     Stage("sft", "summary.json",
           lambda out, preset, o: ["sft", "--init", str(out / "pretrain"), "--data", str(out / "world" / "sft.jsonl"),
-                                  "--eval", str(out / "world" / "eval.jsonl"), "--out", str(out / "sft"),
+                                  "--eval", str(out / "world" / "eval.jsonl"),
+                                  "--replay", str(out / "world" / "corpus.txt"), "--out", str(out / "sft"),
                                   *_config("sft", preset), *o]),
 ]
 NAMES = [s.name for s in STAGES]

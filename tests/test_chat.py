@@ -81,7 +81,8 @@ def test_piped_turns_and_commands(tok, taught):
     assert "/temperature needs a number" in err and "unknown command /nope" in err
     assert chat.temperature == 0.5
     assert chat.messages == [{"role": "system", "content": "Be brief."},
-                             {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "Five."},
+                             {"role": "user", "content": "What is 2 plus 3?"},
+                             {"role": "assistant", "content": "Five."},
                              {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
 
 

@@ -192,7 +192,8 @@ def test_batches_are_a_pure_function_of_the_step(tok):
     # bucketing: a batch holds examples of similar length, so it pads less than random batches
     def padding(bucket):
         d = SFTBatches(examples, 4, seed=0, bucket_batches=bucket, pad_multiple=1)
-        return sum(b["input_ids"].numel() - b["num_tokens"] for s in range(per_epoch) for b in d.micro_batches(s, 2, 0, 1))
+        batches = [b for s in range(per_epoch) for b in d.micro_batches(s, 2, 0, 1)]
+        return sum(b["input_ids"].numel() - b["num_tokens"] for b in batches)
     assert padding(3) < padding(1)
     with pytest.raises(DataError, match="fewer than one global batch"):
         data.steps_per_epoch(31)
@@ -201,7 +202,7 @@ def test_batches_are_a_pure_function_of_the_step(tok):
 # ---- the command --------------------------------------------------------------------------------
 
 def sft(ckpt, data, out, *extra, expect=0):
-    options = [x for i, x in enumerate(extra) if x.startswith("--") or (i and extra[i - 1] == "--eval")]
+    options = [x for i, x in enumerate(extra) if x.startswith("--") or (i and extra[i - 1] in ("--eval", "--replay"))]
     overrides = [x for x in extra if x not in options]
     argv = ["sft", "--init", str(ckpt), "--data", str(data), "--out", str(out), *options, *TINY, *overrides]
     assert main(argv) == expect
@@ -374,3 +375,19 @@ def test_sft_and_eval_commands_write_the_figures(ckpt, world, tmp_path, capsys):
                                                {"prompt": [{"role": "assistant", "content": "hi"}]}])
     assert main(["eval", str(out), "--data", str(bad)]) == 2
     assert f"{bad}:2: the prompt's last turn is assistant" in capsys.readouterr().err
+
+
+def test_replay_adds_windows_of_pretraining_text(ckpt, world, tmp_path, capsys):
+    from lmschool.data.sft import WithReplay
+    out = tmp_path / "run"
+    sft(ckpt, world / "sft.jsonl", out, "max_steps=2", "replay_windows=3", "--replay", str(world / "corpus.txt"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["replay_windows_per_step"] == 3 and (out / "replay" / "train.bin").is_file()
+    from lmschool.data.pretrain import TokenWindows
+    windows = TokenWindows(np.arange(1000) % 7, 192, 3, seed=1)
+    mixed = WithReplay(SFTBatches(examples_of(Tokenizer.load(ckpt), 8), 4), windows).micro_batches(0, 2, 0, 1)
+    assert len(mixed) == 3 and mixed[-1]["input_ids"].shape == (3, 192) and mixed[-1]["num_targets"] == 3 * 192
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xff\n")
+    sft(ckpt, world / "sft.jsonl", tmp_path / "other", "--replay", str(bad), expect=2)
+    assert f"{bad}:2: not UTF-8" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -1,13 +1,16 @@
 """Stage 2, being taught: supervised fine-tuning on conversations, with the loss on the answers.
 
     lmschool sft --init runs/pretrain --data runs/world/sft.jsonl --eval runs/world/eval.jsonl \\
-        --out runs/sft [--config configs/sft.yaml] [--resume | --force] [key=value ...]
+        --replay runs/world/corpus.txt --out runs/sft [--config configs/sft.yaml] [--resume | --force] \\
+        [key=value ...]
     torchrun --nproc_per_node=2 -m lmschool sft ...          # the same, on two processes
 
 --init is a pre-training run directory or a local Hugging Face Llama/Qwen2 directory; its tokenizer
 must have the chat tokens. The model shape, tokenizer and context (max_seq_len defaults to the
 checkpoint's max_position_embeddings) come from it. --data is chat JSONL (`{"messages": [...]}` or
 `{"prompt", "completion"}`, see lmschool/data/sft.py for the rules, truncation included).
+--replay adds `replay_windows` windows of pre-training text to every step, so that the model does
+not forget what it read but is not asked about in SFT (lmschool.data.sft.WithReplay).
 
 Steps: read and check every line of the data (and of --eval) before --out is touched; render them
 through the tokenizer's one chat template; hold out `val_fraction` of the conversations; train with
@@ -36,7 +39,9 @@ import torch
 from lmschool import distributed
 from lmschool.checkpoint import atomic_write_text, load_model, read_config, resolve
 from lmschool.config import check
-from lmschool.data.sft import SFTBatches, eval_batches, fingerprint, load_examples, split_examples
+from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
+from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
+from lmschool.data.text import check_data
 from lmschool.errors import UserError
 from lmschool.evaluate import evaluate_generations, load_scorer, read_eval_rows, school_teacher
 from lmschool.losses.lm import IGNORE, lm_loss, token_nll
@@ -80,6 +85,8 @@ class SFTConfig(TrainConfig):
     """Round a batch's padded length up to a multiple of this (fewer shapes for compile)."""
     val_fraction: float = 0.05
     """Share of conversations held out for the validation loss (0 = none)."""
+    replay_windows: int = 4
+    """With --replay: windows of max_seq_len tokens of that text per step per process (next-token loss)."""
     eval_max_new_tokens: int = 128
     """Longest answer generated for each --eval prompt."""
     eval_batch_size: int = 32
@@ -94,6 +101,7 @@ class SFTConfig(TrainConfig):
         check(self.bucket_batches >= 1, "bucket_batches", "must be >= 1")
         check(self.pad_multiple >= 1, "pad_multiple", "must be >= 1")
         check(0 <= self.val_fraction < 0.5, "val_fraction", "must be in [0, 0.5)")
+        check(self.replay_windows >= 1, "replay_windows", "must be >= 1 (leave out --replay for none)")
         check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", "must be >= 1")
         check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         check(self.eval_temperature >= 0, "eval_temperature", "must be >= 0")
@@ -106,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='chat JSONL: {"messages": [...]} or {"prompt", "completion"} per line; repeatable')
     parser.add_argument("--eval", type=Path, metavar="FILE",
                         help='prompts to answer and judge at the end ({"prompt": ...} JSONL, e.g. eval.jsonl)')
+    parser.add_argument("--replay", type=Path, action="append", metavar="FILE",
+                        help="pre-training text (as for `lmschool pretrain --data`) mixed into every step "
+                             "(replay_windows) so the model keeps what it read; repeatable")
     parser.add_argument("--scorer", metavar="MODULE:FUNCTION",
                         help="judge --eval answers with this (prompts, responses) -> [float] function "
                              "instead of the school world's teacher")
@@ -142,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     scorer = None
     if eval_rows is not None:
         scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.eval)
+    if args.replay:
+        check_data(args.replay)  # readable, UTF-8, not empty
     train, val = split_examples(examples, cfg.val_fraction, cfg.seed)
     dist = distributed.init(cfg.device)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -158,8 +171,11 @@ def run(args: argparse.Namespace) -> int:
     if resuming and (out / "summary.json").is_file() and (out / "model" / "config.json").is_file():
         print(f"sft: {out} is already finished (summary.json); nothing to do")
         return 0
-    data_info = {"fingerprint": fingerprint(train), "train_examples": len(train), "val_examples": len(val)}
+    data_info = {"fingerprint": fingerprint(train), "train_examples": len(train), "val_examples": len(val),
+                 "replay": [[str(p), p.stat().st_size] for p in args.replay or []]}
     _check_same_data(out / "data.json", data_info, resuming)
+    if args.replay:
+        data = WithReplay(data, replay_source(args.replay, tokenizer, out / "replay", cfg, dist, resuming))
     torch.manual_seed(cfg.seed)
     model = load_model(init, head="lm")
     if model.config.vocab_size < tokenizer.vocab_size:
@@ -191,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
             "max_seq_len": cfg.max_seq_len,
             "loss_on": cfg.loss_on,
             "packing": cfg.packing,
+            "replay_windows_per_step": cfg.replay_windows * dist.world_size if args.replay else 0,
             "tokens_seen": trainer.tokens_seen * dist.world_size,
             "tokens_per_s": logged_tokens_per_s(out / "metrics.jsonl"),
         }
@@ -209,6 +226,15 @@ def run(args: argparse.Namespace) -> int:
         print_summary("sft", summary, out / "model")
     distributed.shutdown()
     return 0
+
+
+def replay_source(paths: list[Path], tokenizer, directory: Path, cfg: SFTConfig, dist,
+                  resuming: bool) -> TokenWindows:
+    """Tokenise the --replay text into RUN/replay (rank 0, once) and serve windows of it."""
+    if dist.is_main and not (resuming and (directory / "meta.json").is_file()):
+        prepare(list(paths), tokenizer, directory, val_fraction=0.01, seed=cfg.seed)
+    distributed.barrier()
+    return TokenWindows(load_tokens(directory, "train"), cfg.max_seq_len, cfg.replay_windows, seed=cfg.seed + 1)
 
 
 @torch.no_grad()
@@ -235,10 +261,11 @@ def _check_same_data(path: Path, info: dict, resuming: bool) -> None:
     if not (resuming and path.is_file()):
         return
     before = json.loads(path.read_text())
-    if before.get("fingerprint") != info["fingerprint"]:
+    if (before.get("fingerprint"), before.get("replay")) != (info["fingerprint"], info["replay"]):
         raise UserError(f"--resume: the training data differs from the data this run started with "
                         f"({before.get('train_examples')} -> {info['train_examples']} examples, or other "
-                        "contents or settings); resume with the same --data and settings, or use --force")
+                        "contents, settings or --replay files); resume with the same data and settings, "
+                        "or use --force")
 
 
 def print_summary(stage: str, s: dict, model_dir: Path) -> None:
