@@ -6,18 +6,20 @@ Same model on both sides: "L4-256" (vocab 4096, hidden 256, intermediate 688, 4 
 tied embeddings; random init from the same weights), with a 4096-token BPE tokenizer trained on the
 school world's corpus. Same data: the school world's sft.jsonl (default preset, seed 0), rendered by
 the same ChatML template (TRL reads our tokenizer_config.json's template, whose `{% generation %}`
-markers give it the same assistant-only loss mask: `assistant_only_loss=True`). Same batch: 8
-conversations per step, at most 256 tokens each, AdamW lr 1e-3, grad clip 1.
+markers give it the same assistant-only loss mask: `assistant_only_loss=True`). Same batch: 8 per
+step (see below), at most 256 tokens per conversation, AdamW lr 1e-3, grad clip 1.
 
 Tokens/s counts the same thing on both sides: real (non-padding) tokens of the conversations a step
-trains on, i.e. the rendered length of each conversation, per second of wall time from one step's
-end to the next (data collation, forward, backward, optimizer), median over the measured steps
-after `--warmup` steps (more for torch.compile, which compiles then).
+trains on, i.e. the rendered length of each conversation, over the wall time of the measured steps,
+each timed from the previous step's end (data collation, forward, backward, optimizer), after
+`--warmup` steps (20 more for torch.compile, which compiles then).
 
-Rows: TRL fp32 and bf16 (its documented defaults turn on gradient checkpointing, which only saves
-memory; rows with it off are faster and are what we compare against), with length-grouped batches,
-and with padding-free packing; lmschool fp32, bf16 autocast, bf16 + packing, bf16 + torch.compile.
-The bar (issue 4): lmschool's best >= 2x TRL's fastest row. Nothing is downloaded (HF_HUB_OFFLINE).
+Rows: TRL fp32 and bf16, with and without gradient checkpointing (its default; it only saves
+memory), bf16 with length-grouped batches, and bf16 with packing (its default `bfd`, padding-free,
+and `wrapped`); lmschool fp32, bf16, bf16 + torch.compile, padded (length-bucketed) and packed. "Batch
+8" means 8 conversations when padding and 8 rows of 256 tokens when packing, on both sides (TRL's
+meaning of packing). The bar (issue 4): lmschool's best >= 2x TRL's fastest row. Nothing is
+downloaded (HF_HUB_OFFLINE). Results: bench/RESULTS_sft.md.
 """
 
 from __future__ import annotations

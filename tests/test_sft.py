@@ -1,6 +1,7 @@
 """Stage 2: the loss mask on hand-built conversations, padded = packed = one at a time, batches as a
 pure function of the step, a tiny model that overfits and then answers word for word, resume, bad
-input (file:line, nothing overwritten), and generation-based evaluation (`lmschool eval`)."""
+input (file:line, nothing overwritten), replay of pre-training text, and generation-based
+evaluation (`lmschool eval`)."""
 
 from __future__ import annotations
 
