@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lmschool.chat import Chat, TextStream, repl
 from lmschool.model import ModelConfig, build_model
