@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/bench_generate.py            # prints the table, writes bench/RESULTS_generate.md
     .venv/bin/python bench/bench_generate.py --quick    # 1 repeat, no file written
+    GOMP_SPINCOUNT=20000 .venv/bin/python bench/bench_generate.py --append   # a second table
+
+lmschool is imported before torch, so its OMP_WAIT_POLICY=PASSIVE default applies to both sides
+(sleeping OpenMP threads cost every small parallel region a wake-up; GOMP_SPINCOUNT=20000 lets
+them spin briefly first, which is what decoding needs; see RESULTS_generate.md).
 
 Model "L4-256" (vocab 4096, hidden 256, intermediate 688, 4 layers, 4 heads, tied embeddings),
 random weights, saved with `lmschool.checkpoint.save_model` and loaded from that directory by both
@@ -35,9 +40,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lmschool  # noqa: E402,F401  (before torch: its OMP_WAIT_POLICY default applies to both sides)
+import torch  # noqa: E402
 
 from lmschool.checkpoint import load_model, save_model  # noqa: E402
 from lmschool.generate import compile_for_generation, generate  # noqa: E402
@@ -47,6 +53,18 @@ L4_256 = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, nu
                      num_attention_heads=4, tie_word_embeddings=True, max_position_embeddings=256)
 PROMPT_LEN, NEW_TOKENS = 64, 128
 COMMAND = ".venv/bin/python bench/bench_generate.py"
+NOTES = """Notes (from the runs that made this file):
+- `OMP_WAIT_POLICY=PASSIVE` (set by `import lmschool`) makes every parallel region wake sleeping
+  OpenMP threads. A decode step is ~25 small parallel regions, so both sides lose ~30% with it
+  at batch 8, and our packed GEMMs at batch 1 lose more than the plain GEMV path.
+  `GOMP_SPINCOUNT=20000` (spin ~tens of microseconds, then sleep) gives back the speed of the
+  default policy; second table.
+- The decode step is bound by the fixed cost of small GEMMs and by streaming ~17 MB of weights
+  plus the KV cache from memory each step; packing the weights once (`PackedLinears`, q/k/v and
+  gate/up fused) removes the per-call re-packing. `compile_for_generation` (inductor freezing)
+  also fuses the elementwise ops; it needs weights that no longer change.
+- This CPU has AVX512-BF16 but no AMX, so bf16 halves the bytes moved but not the per-op costs.
+"""
 
 
 def ours(model, autocast: bool = False, **kwargs):
@@ -92,6 +110,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one repeat, do not write the results file")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS_generate.md")
+    parser.add_argument("--append", action="store_true", help="add this run's table to --out instead of replacing it")
     args = parser.parse_args()
     repeats = 1 if args.quick else 3
     torch.set_num_threads(2)
@@ -120,18 +139,20 @@ def main() -> int:
     warmup: dict[str, float] = {}
     load_before = os.getloadavg()[0]
     results = {b: measure(runs, b, repeats, warmup) for b in (8, 1)}
-    load_after = os.getloadavg()[0]
 
     lines = [
         "# Generation throughput: lmschool vs transformers",
         "",
         f"Model L4-256 (random weights), {PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, sampling at "
         f"temperature 1, no stop; torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()} "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}, "
+        f"{platform.processor() or platform.machine()} "
         f"(CPU capability {torch.backends.cpu.get_cpu_capability()}). Median of {repeats} interleaved runs "
         "after a warm-up; generated tokens/s (higher is better), and the ratio to transformers' default "
         "generate in the same run.",
         "",
+        NOTES,
         "| configuration | batch 8 tok/s | vs transformers | batch 1 tok/s | vs transformers |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -142,13 +163,19 @@ def main() -> int:
             cells += [f"{v:,.0f}", f"{v / results[b][baseline]:.2f}x"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     compile_s = [f"{v:.0f} s" for k, v in warmup.items() if "compile_for_generation" in k]
-    lines += ["", f"1-minute load average {load_before:.1f} before, {load_after:.1f} after "
-              f"(on {os.cpu_count()} CPUs; above ~0.5 another process was competing and the numbers are noisy)."]
+    lines += ["", f"1-minute load average before the run: {load_before:.2f} on {os.cpu_count()} CPUs (the run "
+              "itself adds about 1-2; a value above ~0.3 before means another process was competing "
+              "and the numbers are noisy)."]
     lines += ["", f"Warm-up of compile_for_generation (includes compiling): {', '.join(compile_s)} "
-              "(batch 8, batch 1).", "", f"Reproduce: `{COMMAND}`", ""]
+              "(batch 8, batch 1)."]
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    append = " --append" if args.append else ""
+    lines += ["", f"Reproduce: `{'GOMP_SPINCOUNT=' + spin + ' ' if spin else ''}{COMMAND}{append}`", ""]
     table = "\n".join(lines)
     print(table)
     if not args.quick:
+        if args.append and args.out.exists():
+            table = args.out.read_text() + "\n" + table.split("\n", 2)[2].replace(NOTES + "\n", "")
         args.out.write_text(table)
         print(f"wrote {args.out}")
     return 0
