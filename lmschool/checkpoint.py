@@ -70,8 +70,8 @@ def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra
     ids, stop = {}, []
     if tokenizer is not None:
         tokenizer.save(directory)
-        stop = stop_ids(tokenizer)
-        ids = dict(bos_token_id=None, eos_token_id=stop[0] if stop else None, pad_token_id=tokenizer.pad_id)
+        stop = list(tokenizer.stop_ids)
+        ids = dict(bos_token_id=None, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     cfg = to_hf_config(model.config, model.head, extra=extra, **ids)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if model.head == "lm":
@@ -79,12 +79,6 @@ def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra
         if tokenizer is not None:
             gen.update(eos_token_id=stop, pad_token_id=tokenizer.pad_id)
         (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """Token ids that end generation: end of turn first (chat), then end of document."""
-    return [i for i in (getattr(tokenizer, "im_end_id", None), getattr(tokenizer, "eos_id", None))
-            if i is not None]
 
 
 def save_model(path: str | Path, model: Transformer, tokenizer=None, extra: dict | None = None) -> Path:

@@ -57,6 +57,18 @@ def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> bool:
     return has_run and resume
 
 
+def open_run(out: Path, args: argparse.Namespace, dist, stage: str) -> bool | None:
+    """Check and prepare --out (rank 0), then sync. Returns whether the run resumes, or None
+    when it is already finished (its summary and final model exist) and there is nothing to do."""
+    from lmschool import distributed
+    resuming = prepare_run_dir(out, resume=args.resume, force=args.force) if dist.is_main else args.resume
+    distributed.barrier()
+    if resuming and (out / "summary.json").is_file() and (out / "model" / "config.json").is_file():
+        print(f"{stage}: {out} is already finished (summary.json); nothing to do")
+        return None
+    return resuming
+
+
 def save_resolved_config(cfg, out: Path) -> None:
     config_lib.save(cfg, out / "config.yaml")
 

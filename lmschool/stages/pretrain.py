@@ -32,7 +32,7 @@ from lmschool.errors import UserError
 from lmschool.evaluate import lm_loss_and_bpb
 from lmschool.losses.lm import lm_loss
 from lmschool.model import ModelConfig, build_model
-from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, prepare_run_dir,
+from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
 from lmschool.tokenizer import Tokenizer, train_tokenizer
 from lmschool.trainer import TrainConfig, autocast, fit
@@ -80,10 +80,8 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
     dist = distributed.init(cfg.device)
     out: Path = args.out
-    resuming = prepare_run_dir(out, resume=args.resume, force=args.force) if dist.is_main else args.resume
-    distributed.barrier()
-    if resuming and (out / "summary.json").is_file() and (out / "model" / "config.json").is_file():
-        print(f"pretrain: {out} is already finished (summary.json); nothing to do")
+    resuming = open_run(out, args, dist, "pretrain")
+    if resuming is None:
         return 0
     torch.manual_seed(cfg.seed)
 

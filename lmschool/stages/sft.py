@@ -45,7 +45,7 @@ from lmschool.data.text import check_data
 from lmschool.errors import UserError
 from lmschool.evaluate import evaluate_generations, load_scorer, read_eval_rows, school_teacher
 from lmschool.losses.lm import IGNORE, lm_loss, token_nll
-from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, prepare_run_dir,
+from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
 from lmschool.tokenizer import IM_END, IM_START, Tokenizer
 from lmschool.trainer import TrainConfig, autocast, fit
@@ -166,10 +166,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.max_steps = math.ceil(cfg.epochs * per_epoch)
 
     out: Path = args.out
-    resuming = prepare_run_dir(out, resume=args.resume, force=args.force) if dist.is_main else args.resume
-    distributed.barrier()
-    if resuming and (out / "summary.json").is_file() and (out / "model" / "config.json").is_file():
-        print(f"sft: {out} is already finished (summary.json); nothing to do")
+    resuming = open_run(out, args, dist, "sft")
+    if resuming is None:
         return 0
     data_info = {"fingerprint": fingerprint(train), "train_examples": len(train), "val_examples": len(val),
                  "replay": [[str(p), p.stat().st_size] for p in args.replay or []]}
