@@ -242,3 +242,13 @@ def test_cli_bad_jsonl_line_is_named(tmp_path, capsys):
     data.write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
     assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 2
     assert f"{data}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_every_digit_is_its_own_token(tok):
+    """Numbers split into digits (sums become column arithmetic), even when the corpus is full
+    of the same two-digit numbers that BPE would otherwise merge."""
+    trained = train_tokenizer([f"{a} + {b} = {a + b}." for a in range(10, 99) for b in (11, 47)] * 5, vocab_size=400)
+    for t in (tok, trained):
+        pieces = [t.decode([i]) for i in t.encode("47 + 38 = 85, 1999", add_special_tokens=False)]
+        assert [p.strip() for p in pieces if p.strip().isdigit()] == list("4738851999")
+        assert all(len(p.strip()) <= 1 for p in pieces if any(c.isdigit() for c in p))

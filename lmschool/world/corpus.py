@@ -241,11 +241,11 @@ def build_corpus(world: dict, preset: Preset, rng: random.Random) -> tuple[str, 
     return text, stats
 
 
-_PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\r\n\w]?[A-Za-z]+|\d{1,3}"
+_PRETOKEN = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\r\n\w]?[A-Za-z]+|\d"
                        r"| ?[^\s\w]+[\r\n]*|\s*[\r\n]+")
 
 
 def count_pretokens(text: str) -> int:
-    """Pieces the tokenizer's pre-split makes (words, digit groups, punctuation): a lower bound on
+    """Pieces the tokenizer's pre-split makes (words, single digits, punctuation): a lower bound on
     BPE tokens, and close to the count at a 4096 vocabulary, where nearly every word is a token."""
     return len(_PRETOKEN.findall(text.replace(DOC_END, "\x00")))

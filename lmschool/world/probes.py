@@ -32,7 +32,9 @@ def fact_completion(model, tokenizer, world: dict, batch_size: int = 256, max_ne
         probes = completion_probes(world, heldout=heldout)
         for i in range(0, len(probes), batch_size):
             chunk = probes[i:i + batch_size]
-            prompts = [tokenizer.encode(prefix, add_special_tokens=False) for prefix, _ in chunk]
+            # In the token stream every document follows an end-of-document token: so does a probe.
+            prompts = [[tokenizer.eos_id, *tokenizer.encode(prefix, add_special_tokens=False)]
+                       for prefix, _ in chunk]
             out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                            stop_ids=[tokenizer.eos_id], pad_id=tokenizer.pad_id or 0)
             for j, ((_, answer), toks) in enumerate(zip(chunk, out.tokens)):

@@ -69,7 +69,7 @@ def readme(world: dict, preset: Preset, summary: dict, doc_end: str) -> str:
         "## corpus.txt",
         "",
         f"{c['documents']} documents ({kinds}); {c['characters']:,} characters, {c['words']:,} "
-        f"words, {c['pretokens']:,} pre-tokens (words, digit groups and punctuation as the "
+        f"words, {c['pretokens']:,} pre-tokens (words, single digits and punctuation as the "
         "tokenizer splits them before merging: a lower bound on BPE tokens and close to the count "
         "at a 4096-token vocabulary, where nearly every word of this small world is one token).",
         "",
