@@ -1,0 +1,252 @@
+"""The run report on a hand-made run directory: report.json's keys and ranges, bars computed from
+the numbers (one pass and one fail worked by hand), missing stages reported as not run, valid PNG
+plots linked from report.md, and sample answers side by side (the pre-trained model's generated)."""
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from lmschool.checkpoint import save_model
+from lmschool.cli import main
+from lmschool.generate import generate
+from lmschool.model import ModelConfig, build_model
+from lmschool.report import REQUIRED, build_report, check_bars, pick_prompts
+from lmschool.tokenizer import train_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = [
+    ([{"role": "user", "content": "Can I run in the corridor?"}], "refuse", None),
+    ([{"role": "user", "content": "What is 3 plus 4?"}], "arithmetic", None),
+    ([{"role": "user", "content": "What town does Mia Smith live in?"}], "fact_town", True),
+    ([{"role": "user", "content": "Which town is Tom Lee from?"}], "fact_town", False),
+    ([{"role": "user", "content": "Hello! How are you?"}], "smalltalk", None),
+]
+
+
+def write_json(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def write_jsonl(path, rows, torn_tail=""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + torn_tail)
+
+
+def policy_summary(score, win, refusal, fact, kl, rm=None, seconds=10.0):
+    by_cat = {"arithmetic": score - 0.1, "fact_town": score, "refuse": score + 0.05}
+    return {"teacher_score": score, "teacher_score_by_category": by_cat, "win_rate_vs_sft": win,
+            "refusal_correct": refusal, "fact_correct": fact, "kl_from_sft": kl, "rm_reward": rm,
+            "correct_heldout_pupils": 0.3, "correct_arithmetic": 0.4, "end_of_turn_rate": 1.0, "seconds": seconds}
+
+
+def answers(tag):
+    return [{"prompt": p, "category": c, "heldout": h, "response": f"{tag} answer {i} | with a pipe",
+             "score": 0.5} for i, (p, c, h) in enumerate(PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished run without IPO, SimPO (unfinished) and GRPO; numbers chosen for the bar checks."""
+    d = tmp_path_factory.mktemp("demo")
+    write_json(d / "timings.json", {"world": 1.0, "pretrain": 100.0, "sft": 200.0, "reward": 50.0,
+                                    "dpo": 60.0, "ppo": 300.0})
+    write_json(d / "world" / "world.json", {"preset": "tiny", "summary": {"pupils": 12, "heldout_pupils": 3,
+               "corpus": {"documents": 50}, "sft": {"conversations": 40}, "eval": {"rows": 5}}})
+    tok = train_tokenizer([], byte_level=True)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    save_model(d / "pretrain" / "model", build_model(cfg, seed=0), tok)
+    write_json(d / "pretrain" / "summary.json", {"val_loss": 1.2, "val_bpb": 1.6, "fact_completion": 0.5,
+                                                 "steps": 40, "seconds": 99.0})
+    write_jsonl(d / "pretrain" / "metrics.jsonl",
+                [{"step": s, "loss": 6.0 / s, "lr": 1e-3} for s in range(1, 41)] + [{"step": 40, "val_loss": 1.2}],
+                torn_tail='{"step": 41, "lo')  # a run killed mid-line
+    write_json(d / "sft" / "summary.json", {
+        "teacher_score": 0.75, "teacher_score_by_category": {"arithmetic": 0.6, "fact_town": 0.8, "refuse": 0.7},
+        "correct_by_category": {"arithmetic": 0.4, "fact_town": 0.5}, "correct_heldout_pupils": 0.31,
+        "correct_train_pupils": 0.93, "correct_arithmetic": 0.4, "fact_correct": 0.50, "refusal_correct": 0.8,
+        "end_of_turn_rate": 0.99, "val_loss": float("nan"), "seconds": 190.0})
+    write_jsonl(d / "sft" / "metrics.jsonl", [{"step": s, "loss": 2.0 - s / 20} for s in range(1, 21)])
+    write_jsonl(d / "sft" / "eval_answers.jsonl", answers("sft"))
+    write_json(d / "reward" / "summary.json", {"accuracy_noise_free": 0.9, "accuracy_rater": 0.74,
+                                               "teacher_rank_correlation": 0.65, "reward_bias": -0.3,
+                                               "accuracy_by_category": {"refuse": {"pairs": 20, "rater": 0.7,
+                                                                                   "noise_free": 0.95}},
+                                               "seconds": 49.0})
+    write_jsonl(d / "reward" / "metrics.jsonl", [{"step": s, "loss": 0.7 - s / 100} for s in range(1, 11)])
+    write_json(d / "dpo" / "summary.json", policy_summary(0.80, 0.70, 0.95, 0.47, 3.5, seconds=59.0))
+    write_jsonl(d / "dpo" / "metrics.jsonl", [{"step": s, "loss": 0.69 - s / 50} for s in range(1, 11)])
+    write_jsonl(d / "dpo" / "eval_answers.jsonl", answers("dpo")[::-1])  # other order: matched by prompt
+    write_json(d / "ppo" / "summary.json", policy_summary(0.78, 0.66, 0.90, 0.49, 1.5, rm=0.4))
+    write_jsonl(d / "ppo" / "metrics.jsonl",
+                [{"iteration": i, "rm_reward": 0.1 * i, "teacher_score": 0.7 + 0.01 * i, "kl": 0.2 * i,
+                  "entropy": 1.0, "policy_loss": -0.01 * i} for i in range(1, 6)])
+    write_jsonl(d / "ppo" / "eval_answers.jsonl", answers("ppo")[:2])  # answers to two prompts only
+    write_jsonl(d / "label" / "prefs.jsonl", [])
+    write_json(d / "label" / "prefs.summary.json", {"pairs": 300, "rater_agreement": 0.75, "ties_dropped": 12})
+    (d / "simpo").mkdir()                                             # started, no summary
+    for name, score, kl in (("dpo-beta0.05", 0.82, 6.0), ("dpo-beta0.5", 0.77, 1.0), ("ppo-kl0.01", 0.79, 4.0)):
+        write_json(d / "sweep" / name / "summary.json", policy_summary(score, 0.6, 0.9, 0.5, kl))
+    report = build_report(d, samples=3)
+    return d, report, tok, cfg
+
+
+def test_report_json_has_the_issue_keys_finite_and_in_range(run_dir):
+    d, report, *_ = run_dir
+    on_disk = json.loads((d / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert on_disk["stages"] == report["stages"]
+    for stage, keys in REQUIRED.items():
+        assert set(keys) | {"seconds", "status"} <= set(on_disk["stages"][stage]), stage
+    # seconds from timings.json (not the summary's 99 s); a stage without a timing keeps its summary's
+    assert report["stages"]["pretrain"]["seconds"] == 100.0 and report["stages"]["dpo"]["seconds"] == 60.0
+    assert report["seconds_total"] == 1 + 100 + 200 + 50 + 60 + 300
+    assert report["stages"]["sft"]["val_loss"] is None  # NaN in the summary -> null, not invalid JSON
+    rates = ["fact_completion", "correct_heldout_pupils", "correct_train_pupils", "correct_arithmetic", "fact_correct",
+             "refusal_correct", "end_of_turn_rate", "accuracy_noise_free", "accuracy_rater", "win_rate_vs_sft",
+             "teacher_score"]
+    for stage, entry in on_disk["stages"].items():
+        for key, value in entry.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert math.isfinite(value), (stage, key)
+                if key in rates:
+                    assert 0 <= value <= 1, (stage, key, value)
+    assert on_disk["stages"]["sft"]["teacher_score_by_category"]["fact_town"] == 0.8
+    assert on_disk["machine"]["torch"] == torch.__version__ and on_disk["machine"]["cores"] >= 1
+    assert on_disk["preset"] == "tiny"
+
+
+def test_missing_stages_are_not_run_and_say_so(run_dir):
+    d, report, *_ = run_dir
+    st = report["stages"]
+    assert st["ipo"]["status"] == "not run" and st["grpo"]["status"] == "not run"
+    assert st["label"] == {"status": "done", "pairs": 300, "rater_agreement": 0.75, "ties_dropped": 12,
+                           "seconds": None}
+    assert st["simpo"]["status"] == "unfinished"
+    assert st["ipo"]["teacher_score"] is None and st["ipo"]["seconds"] is None
+    md = (d / "report.md").read_text()
+    assert "IPO (not run)" in md and "SimPO (unfinished)" in md
+    assert "| rater agreement with the noise-free teacher | 75.0% |" in md
+    assert "| refuse | 20 | 70.0% | 95.0% |" in md  # the reward model's accuracy by category
+
+
+def test_bars_are_computed_from_the_numbers(run_dir):
+    """By hand, from the fixture's numbers:
+    dpo.win_rate_vs_sft 0.70 >= 0.65                         -> met
+    dpo.teacher_score 0.80 > sft's 0.75                      -> met
+    dpo.fact_correct 0.47 >= sft's 0.50 - 0.02 = 0.48        -> not met
+    ppo.fact_correct 0.49 >= 0.48                            -> met
+    ppo.refusal_correct 0.90 >= 0.90 (equal)                 -> met
+    sft.correct_heldout_pupils 0.31 >= 0.70                  -> not met
+    reward.teacher_rank_correlation 0.65 >= 0.70             -> not met
+    run.seconds_total 711 <= 900                             -> met"""
+    _, report, *_ = run_dir
+    bars = report["bars"]
+    expected = {"dpo.win_rate_vs_sft": True, "dpo.teacher_score": True, "dpo.fact_correct": False,
+                "ppo.fact_correct": True, "ppo.refusal_correct": True, "sft.correct_heldout_pupils": False,
+                "reward.teacher_rank_correlation": False, "run.seconds_total": True}
+    assert {k: bars[k]["met"] for k in expected} == expected
+    assert bars["dpo.fact_correct"]["threshold"] == pytest.approx(0.48)
+    assert bars["dpo.teacher_score"]["threshold"] == 0.75 and bars["dpo.win_rate_vs_sft"]["value"] == 0.70
+    # the same bar without its stage: not met, value null
+    partial = {"stages": {"sft": {"teacher_score": 0.75, "fact_correct": 0.5}}, "seconds_total": 10.0}
+    assert check_bars(partial)["dpo.teacher_score"] == {**check_bars(partial)["dpo.teacher_score"],
+                                                         "value": None, "met": False}
+    # exactly 2 points below SFT is allowed, though 0.20 - 0.02 = 0.18000000000000002 in floats
+    edge = {"stages": {"sft": {"fact_correct": 0.20}, "dpo": {"fact_correct": 0.18}}, "seconds_total": 900.0}
+    assert check_bars(edge)["dpo.fact_correct"]["met"] and check_bars(edge)["run.seconds_total"]["met"]
+    edge["stages"]["dpo"]["fact_correct"] = 0.179
+    assert not check_bars(edge)["dpo.fact_correct"]["met"]
+    md = (run_dir[0] / "report.md").read_text()
+    row = next(line for line in md.splitlines() if "DPO: facts right, all pupils" in line)
+    assert "47.0%" in row and "48.0%" in row and row.endswith("| not met |")
+    row = next(line for line in md.splitlines() if "DPO: win rate" in line)
+    assert row.endswith("| **met** |")
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data.endswith(b"IEND\xaeB`\x82")
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plots_are_valid_pngs_linked_from_the_markdown(run_dir):
+    d, report, *_ = run_dir
+    assert set(report["plots"]) == {"losses", "rl", "frontier"}
+    md = (d / "report.md").read_text()
+    for rel in report["plots"].values():
+        width, height = png_size(d / rel)
+        assert width > 100 and height > 100
+        assert f"]({rel})" in md
+    # the frontier: SFT at KL 0, DPO and PPO, three sweep points; IPO/SimPO/GRPO have none
+    points = {p["label"]: (p["kl_from_sft"], p["teacher_score"]) for p in report["frontier"]}
+    assert points == {"SFT": (0.0, 0.75), "DPO": (3.5, 0.80), "PPO": (1.5, 0.78), "dpo-beta0.05": (6.0, 0.82),
+                      "dpo-beta0.5": (1.0, 0.77), "ppo-kl0.01": (4.0, 0.79)}
+    assert report["sweep"]["dpo-beta0.05"]["param"] == "beta" and report["sweep"]["ppo-kl0.01"]["value"] == 0.01
+
+
+def test_sample_answers_side_by_side(run_dir):
+    d, report, tok, _ = run_dir
+    samples = report["samples"]
+    # one prompt per category, refusal and sum first; the same prompts for every model
+    assert [s["category"] for s in samples] == ["refuse", "arithmetic", "fact_town"]
+    assert [list(s["answers"]) for s in samples] == [["pretrain", "sft", "dpo", "ppo"]] * 3
+    assert samples[2]["answers"]["dpo"] == "dpo answer 2 | with a pipe"   # matched by prompt, not position
+    assert samples[2]["answers"]["ppo"] is None                          # PPO answered two prompts only
+    # the pre-trained model's answers are its greedy continuations of the chat-templated prompts
+    from lmschool.checkpoint import load_model
+    model = load_model(d / "pretrain" / "model")
+    ids = [tok.render(s["prompt"], add_generation_prompt=True)[0] for s in samples]
+    out = generate(model, ids, max_new_tokens=48, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    expected = [tok.decode(t, skip_special=True).strip() for t in out.tokens]
+    assert [s["answers"]["pretrain"] for s in samples] == expected and all(expected)  # (seed 0 rambles bytes)
+    md = (d / "report.md").read_text()
+    assert "dpo answer 2 \\| with a pipe" in md and "Can I run in the corridor?" in md
+
+
+def test_pick_prompts_prefers_distinct_categories_then_fills():
+    rows = [{"prompt": [{"role": "user", "content": str(i)}], "category": c}
+            for i, c in enumerate(["fact_age", "fact_age", "story", "refuse"])]
+    assert [r["prompt"][0]["content"] for r in pick_prompts(rows, 4)] == ["3", "2", "0", "1"]
+
+
+def test_partial_run_and_the_command(tmp_path, capsys):
+    """A run killed after the world: every stage but the world is not run, no plots, still a report."""
+    d = tmp_path / "run"
+    write_json(d / "world" / "world.json", {"preset": "default", "summary": {"pupils": 240}})
+    write_jsonl(d / "world" / "eval.jsonl", [{"prompt": p, "category": c} for p, c, _ in PROMPTS])
+    (d / "pretrain").mkdir()
+    write_jsonl(d / "pretrain" / "metrics.jsonl", [], torn_tail='{"step"')
+    assert main(["report", str(d)]) == 0
+    assert "bars met" in capsys.readouterr().out
+    report = json.loads((d / "report.json").read_text())
+    assert report["stages"]["world"]["pupils"] == 240 and report["stages"]["pretrain"]["status"] == "unfinished"
+    assert report["plots"] == {} and report["seconds_total"] == 0
+    assert all(not b["met"] for name, b in report["bars"].items() if name != "run.seconds_total")
+    assert [s["answers"] for s in report["samples"]] == [{}] * 4  # prompts from eval.jsonl, no model yet
+    md = (d / "report.md").read_text()
+    assert "## Stage 1: pre-training\n\n_started, not finished (no summary)_" in md
+    assert "No frontier" in md and "Labelling: _not run_" in md
+
+
+def test_bad_run_dir_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "nope is not a directory" in capsys.readouterr().err
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "summary.json").write_text("{not json")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "sft/summary.json is not valid JSON" in err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_importing_the_report_does_not_load_matplotlib():
+    """`lmschool --help` and `lmschool run` import this module; matplotlib loads only to draw."""
+    import subprocess
+    import sys
+    code = "import sys, lmschool.report; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
