@@ -3,9 +3,13 @@ favourite colour, hobby and favourite food.
 
 `build_world(seed, preset)` draws them with `random.Random(seed)` only, so a seed gives the same
 world everywhere; the world is a plain JSON-able dict (it is what `world.json` holds, less the
-generator's measured settings). Vocabularies are small on purpose — 50 first names, 40 surnames,
-24 towns — so a tiny model can learn every name, and no word is in two lists (no surname is a
-colour, no pet name is a first name), so the teacher can tell from a word which fact it states.
+generator's measured settings). Every pupil has a first name of their own (277 to choose from;
+surnames, 40 of them, are shared): a pupil is then named by one token, the key a small model can
+learn facts under in minutes. With 50 shared first names, the model had to combine two tokens
+into a key, and after 600 steps it answered with the fact of another pupil of the same first name
+two times in three. Vocabularies are otherwise small on purpose — 24 towns — and no word is in two
+lists (no surname is a colour, no pet name is a first name), so the teacher can tell from a word
+which fact it states.
 """
 
 from __future__ import annotations
@@ -18,10 +22,26 @@ from lmschool.world.rules import FORBIDDEN
 WORLD_FORMAT = "lmschool-world/1"
 SCHOOL = "Hilltop School"
 
-GIRLS = ("Mia Emma Lily Ava Grace Chloe Ella Ruby Sophie Isla Amelia Zoe Holly Freya Alice "
-         "Hannah Lucy Daisy Evie Molly Nora Poppy Rosa Maya Leah").split()
-BOYS = ("Tom Jack Oliver Harry Leo Noah Sam Ben Finn Adam Joe Luke Ryan Dan Alfie Theo Ethan "
-        "Jacob Lucas Owen Isaac Henry Charlie Toby Arthur").split()
+GIRLS = ("Mia Emma Lily Ava Grace Chloe Ella Ruby Sophie Isla Amelia Zoe Holly Freya Alice Hannah Lucy "
+         "Daisy Evie Molly Nora Poppy Rosa Maya Leah Olivia Isabella Charlotte Emily Jessica Megan Amber "
+         "Jasmine Phoebe Imogen Eleanor Harriet Florence Matilda Violet Scarlett Esme Ivy Iris Hazel Elsie "
+         "Edith Mabel Bethany Abigail Naomi Rebecca Rachel Sarah Laura Kate Anna Julia Clara Heidi Greta "
+         "Stella Nina Tessa Vera Wendy Yasmin Zara Aisha Leila Priya Anya Sienna Aria Eva Maisie Millie "
+         "Lottie Rosie Katie Ellie Gracie Erin Niamh Orla Cerys Ffion Carys Bonnie Beatrice Agnes Dora "
+         "Ingrid Martha Penny Thea Frances Lydia Miriam Ruth Esther Judith Joanna Helen Diana Fiona Gemma "
+         "Kirsty Lorna Morag Shona Rhona Eilidh Isobel Jemima Lavinia Octavia Rosalind Tabitha Ursula "
+         "Verity Winifred Xanthe Yvonne Zelda Alba Cora Delia Elena Flora Gwen Hattie Ines Josie Kitty "
+         "Lena Mina").split()
+BOYS = ("Tom Jack Oliver Harry Leo Noah Sam Ben Finn Adam Joe Luke Ryan Dan Alfie Theo Ethan Jacob Lucas "
+        "Owen Isaac Henry Charlie Toby Arthur George William James Thomas Oscar Max Archie Freddie Louis "
+        "Edward Alexander Daniel Joshua Matthew Samuel Benjamin Joseph David Michael Elliot Harvey Reuben "
+        "Jude Ezra Albert Frank Stanley Ronnie Teddy Bobby Jamie Kieran Liam Connor Callum Rhys Dylan "
+        "Aaron Nathan Kai Zak Felix Hugo Rory Seth Caleb Elijah Gabriel Jasper Rowan Ralph Otis Arlo Milo "
+        "Ivan Victor Patrick Peter Paul Simon Stephen Gareth Ewan Fraser Angus Douglas Hamish Euan "
+        "Cameron Duncan Colin Martin Kevin Brian Andrew Robert Richard Christopher Anthony Steven Timothy "
+        "Jonathan Nicholas Vincent Lawrence Bernard Cecil Desmond Edwin Gordon Herbert Ian Keith Leonard "
+        "Malcolm Nigel Oswald Percy Quentin Rupert Sidney Trevor Walter Wilfred Xavier Yusuf Zachary "
+        "Ahmed Omar Hassan Ravi Arjun Rohan Vikram Tariq").split()
 SURNAMES = ("Smith Jones Taylor Walker Wright Hughes Hall Clarke Lewis Baker Turner Hill Cooper "
             "Ward Morris King Harris Parker Bennett Carter Fisher Mason Shaw Palmer Lane Price "
             "Reed Marsh Bailey Cole Dixon Ellis Foster Grant Holmes Knight Lowe Mills Nash "
@@ -56,10 +76,10 @@ def build_world(seed: int, preset: Preset) -> dict:
     Pupils are listed in a fixed (seeded) order; the last `heldout_share` of them are held out.
     """
     rng = random.Random(seed)
-    combos = [(first, last) for first in GIRLS + BOYS for last in SURNAMES]
-    if preset.pupils > len(combos):
-        raise ValueError(f"at most {len(combos)} pupils, asked for {preset.pupils}")
-    chosen = rng.sample(combos, preset.pupils)
+    firsts = GIRLS + BOYS
+    if preset.pupils > len(firsts):
+        raise ValueError(f"at most {len(firsts)} pupils (one first name each), asked for {preset.pupils}")
+    chosen = [(first, rng.choice(SURNAMES)) for first in rng.sample(firsts, preset.pupils)]
     n_heldout = max(1, round(preset.heldout_share * preset.pupils))
     pupils = []
     for i, (first, last) in enumerate(chosen):
