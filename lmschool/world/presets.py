@@ -38,17 +38,17 @@ class Preset:
     """Share of pupils whose facts appear in corpus.txt and eval.jsonl only."""
 
     # corpus.txt: documents of each kind
-    profiles_per_pupil: int = 10
+    profiles_per_pupil: int = 12
     """Short biographies per pupil; the first states every fact in the probe phrasing."""
-    stories: int = 960
+    stories: int = 480
     """Short stories, each about one pupil (round robin), weaving three to five of its facts."""
     fact_lists: int = 400
     """Lists that state one fact type for six to ten pupils ("Pets of the pupils: ...")."""
     town_pages_per_town: int = 4
     """Pages per town naming the pupils who live there (facts stated in reverse)."""
-    playground: int = 1500
+    playground: int = 600
     """Playground talk: first-person facts, greetings, some rude remarks, some wrong claims."""
-    sums: int = 1200
+    sums: int = 700
     """Pages of two-digit additions and subtractions in digits, in words and as word problems."""
     quizzes: int = 300
     """Question-and-answer sheets about pupils that are not held out (no held-out pupil)."""
