@@ -25,10 +25,16 @@ COMMANDS: dict[str, str] = {
     "tokenizer": "lmschool.tokenizer_command",
     "pretrain": "lmschool.stages.pretrain",
     "sft": "lmschool.stages.sft",
+    "label": "lmschool.stages.label",
+    "reward": "lmschool.stages.reward",
+    "score": "lmschool.score_command",
+    "dpo": "lmschool.stages.dpo",
+    "ppo": "lmschool.stages.ppo",
     "generate": "lmschool.generate_command",
     "chat": "lmschool.chat",
     "eval": "lmschool.eval_command",
     "run": "lmschool.pipeline",
+    "report": "lmschool.report",
 }
 
 

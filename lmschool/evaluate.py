@@ -227,3 +227,154 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
         record.update({k: row[k] for k in ("expected", "reference", "pupil") if k in row})
         records.append(record)
     return summary, records
+
+
+# ---- a policy against its reference: win rate and KL (DPO, PPO) ------------------------------------
+#
+# After learning from feedback the question is not only "how good are the answers" but "better than
+# the SFT model's?" and "how far did the policy move from it?". The win rate judges, prompt by
+# prompt, the policy's greedy answer against the reference's with the same scorer (ties count half,
+# as in AlpacaEval). The KL is the mean sequence log-ratio log pi(y|x) - log pi_ref(y|x) over answers
+# y sampled from the policy at temperature 1: an unbiased estimate of KL(pi || pi_ref) per prompt,
+# the quantity the RLHF objective bounds (Ouyang et al. 2022; Gao et al. 2023 plot reward against
+# its square root).
+
+def _judge(scorer, prompts: list, responses: list[str]) -> tuple[list[float], list[dict | None]]:
+    """(totals, parts) of each answer, by a Teacher (with rubric parts) or a scorer function."""
+    if hasattr(scorer, "read_prompt"):
+        scores = [scorer.score(p, r) for p, r in zip(prompts, responses)]
+        return [s.total for s in scores], [s.parts for s in scores]
+    values = scorer(prompts, responses) if prompts else []
+    if len(values) != len(prompts):
+        from lmschool.errors import UserError
+        raise UserError(f"the scorer returned {len(values)} scores for {len(prompts)} answers")
+    return [float(v) for v in values], [None] * len(prompts)
+
+
+@torch.no_grad()
+def sampled_logratios(policy, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                      batch_size: int, samples: int = 1, seed: int = 0) -> tuple[list[float], list[int]]:
+    """Sample `samples` answers per prompt (token ids) from `policy` at temperature 1 and return,
+    per answer (prompt-major order), log pi(y|x) - log pi_ref(y|x) in nats and its token count.
+
+    The log-probs are recomputed by one teacher-forced forward of each model in float32 (autocast
+    off): a difference of two sums over every token would otherwise carry bf16 rounding."""
+    from lmschool.data.preference import collate_rows
+    from lmschool.generate import generate
+    from lmschool.losses.preference import sequence_logprobs
+
+    device = next(policy.parameters()).device
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    context = policy.config.max_position_embeddings
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    rows: dict[tuple[int, int], tuple[list[int], int]] = {}
+    for k in range(samples):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            room = context - max(len(prompts[i]) for i in chunk)
+            out = generate(policy, [prompts[i] for i in chunk], max_new_tokens=min(max_new_tokens, room),
+                           temperature=1.0, stop_ids=tokenizer.stop_ids, pad_id=pad_id,
+                           seed=seed + 7919 * k + start)
+            for i, tokens in zip(chunk, out.tokens):
+                rows[(i, k)] = (list(prompts[i]) + tokens, len(prompts[i]))
+    keys = sorted(rows, key=lambda key: len(rows[key][0]))
+    logratio: dict[tuple[int, int], float] = {}
+    was = policy.training, reference.training
+    policy.eval(), reference.eval()
+    with torch.autocast(device.type, enabled=False):
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start:start + batch_size]
+            batch = collate_rows([rows[key] for key in chunk], pad_id)
+            x, y = batch["input_ids"].to(device), batch["labels"].to(device)            # (B, T)
+            diff = sequence_logprobs(policy(x), y) - sequence_logprobs(reference(x), y)  # (B,)
+            logratio.update(zip(chunk, diff.tolist()))
+    policy.train(was[0]), reference.train(was[1])
+    ordered = sorted(rows)
+    return [logratio[key] for key in ordered], [len(rows[key][0]) - rows[key][1] for key in ordered]
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, reference_records=None,
+                    max_new_tokens: int = 128, batch_size: int = 32, kl_samples: int = 1, seed: int = 0
+                    ) -> tuple[dict, list[dict]]:
+    """Judge a trained policy on eval rows, against its reference (the SFT model). Returns (summary,
+    records).
+
+    The policy's greedy answers are judged as `evaluate_generations` does (its summary keys are
+    all kept), and compared prompt by prompt with the reference's greedy answers, both judged by
+    `teacher` (a Teacher or a (prompts, responses) -> [float] scorer). `reference_records`: the
+    records `evaluate_generations` wrote for the reference on the same rows in the same order (the
+    SFT run's eval_answers.jsonl), so the reference is not asked again; their answers are judged
+    afresh. None: the reference answers here. Added to the summary:
+
+      win_rate_vs_sft        mean over prompts of 1 (policy's score higher), 0.5 (equal), 0 (lower)
+      kl_from_sft            mean over answers sampled from the policy at temperature 1
+                             (kl_samples per prompt) of log pi(y|x) - log pi_ref(y|x), nats/sequence
+      kl_from_sft_per_token  the same sum over all answers divided by their tokens
+      sft_teacher_score (sft_score for another scorer), sft_teacher_score_by_category,
+      sft_correct, sft_fact_correct, sft_refusal_correct: the reference's figures, judged here
+
+    records: those of evaluate_generations, plus reference_response, reference_score, win and
+    kl (the prompt's mean sampled log-ratio)."""
+    from lmschool.errors import UserError
+
+    summary, records = evaluate_generations(policy, tokenizer, rows, teacher, max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size, temperature=0.0, seed=seed)
+    if reference_records is None:
+        _, reference_records = evaluate_generations(reference, tokenizer, rows, teacher,
+                                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                    temperature=0.0, seed=seed)
+    if len(reference_records) != len(rows):
+        raise UserError(f"the reference answers hold {len(reference_records)} records for {len(rows)} eval "
+                        "rows; they must answer the same eval file, row for row")
+    for i, (row, ref) in enumerate(zip(rows, reference_records)):
+        if ref.get("prompt") != row["prompt"]:
+            raise UserError(f"reference answer {i + 1} is to another prompt than eval row {row.get('where', i + 1)}; "
+                            "the reference answers must come from the same eval file, in its order")
+
+    # the reference's answers, judged by the same scorer
+    judged = [i for i, ref in enumerate(reference_records) if isinstance(ref.get("response"), str)]
+    ref_totals, ref_parts = _judge(teacher, [rows[i]["prompt"] for i in judged],
+                                   [reference_records[i]["response"] for i in judged])
+    ref_total, ref_part = dict(zip(judged, ref_totals)), dict(zip(judged, ref_parts))
+    wins = {}
+    for i, record in enumerate(records):
+        if record.get("response") is None or i not in ref_total:
+            continue
+        gap = record["score"] - ref_total[i]
+        wins[i] = 1.0 if gap > 1e-9 else 0.0 if gap < -1e-9 else 0.5
+        record.update(reference_response=reference_records[i]["response"], reference_score=ref_total[i],
+                      win=wins[i])
+
+    name = "teacher_score" if hasattr(teacher, "read_prompt") else "score"
+    by_cat: dict[str, list[int]] = {}
+    for i in judged:
+        by_cat.setdefault(str(records[i]["category"]), []).append(i)
+    summary.update({
+        "win_rate_vs_sft": _mean(wins.values()),
+        "wins": sum(1 for w in wins.values() if w == 1.0),
+        "ties": sum(1 for w in wins.values() if w == 0.5),
+        "losses": sum(1 for w in wins.values() if w == 0.0),
+        f"sft_{name}": _mean(ref_total.values()),
+        f"sft_{name}_by_category": {c: _mean(ref_total[i] for i in idx) for c, idx in sorted(by_cat.items())},
+    })
+    if any(p is not None for p in ref_parts):
+        right = {i: float(ref_part[i]["correctness"] == 1.0) for i in judged}
+        summary.update({
+            "sft_correct": _mean(right.values()),
+            "sft_fact_correct": _mean(right[i] for i in judged if str(records[i]["category"]).startswith("fact_")),
+            "sft_refusal_correct": _mean(right[i] for i in judged if records[i]["category"] == "refuse"),
+        })
+
+    # KL(pi || pi_ref) on the eval prompts, from sampled answers
+    if kl_samples > 0:
+        prompts = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
+        usable = [i for i, p in enumerate(prompts) if len(p) < policy.config.max_position_embeddings]
+        logratios, lengths = sampled_logratios(policy, reference, tokenizer, [prompts[i] for i in usable],
+                                               max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                               samples=kl_samples, seed=seed + 1)
+        summary.update(kl_from_sft=_mean(logratios), kl_from_sft_per_token=sum(logratios) / max(sum(lengths), 1),
+                       kl_samples=kl_samples)
+        for n, i in enumerate(usable):
+            records[i]["kl"] = _mean(logratios[n * kl_samples:(n + 1) * kl_samples])
+    return summary, records

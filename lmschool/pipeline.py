@@ -1,59 +1,147 @@
 """`lmschool run`: the whole pipeline on the school world, one run directory per stage.
 
-    lmschool run [--out runs/demo] [--preset tiny|default] [--from STAGE] [STAGE.key=value ...]
+    lmschool run [--out runs/demo] [--preset tiny|default] [--from STAGE] [--sweep] [STAGE.key=value ...]
 
-Stages run in order (world -> pretrain -> ... as they are built), each as its own command
-with its own run directory under --out. A finished stage (its summary is written) is not
-redone when `run` is started again; an unfinished one resumes from its last checkpoint;
-`--from STAGE` redoes that stage and every later one. A failed stage stops the run, names the
-stage, and leaves the earlier stages intact.
+Stages, in order, each its own command with its own directory under --out:
+
+    world     the school world: corpus, conversations, prompts, eval set, teacher (lmschool world)
+    pretrain  stage 1 on world/corpus.txt                                   (lmschool pretrain)
+    sft       stage 2 on world/sft.jsonl, judged on world/eval.jsonl        (lmschool sft)
+    label     K answers per prompt from the SFT model, ranked by the noisy rater (lmschool label)
+    reward    a reward model on those pairs                                 (lmschool reward)
+    dpo, ipo, simpo   the SFT model tuned on the same pairs with three losses (lmschool dpo)
+    ppo       PPO against the reward model, KL penalty to SFT               (lmschool ppo)
+    grpo      GRPO with the teacher as a verifiable reward                  (lmschool ppo advantage=grpo)
+
+then `report.md`, `report.json` and `plots/` (lmschool report). `--sweep` adds DPO runs over
+several beta and PPO runs over several KL coefficients under DIR/sweep/ (the reward-versus-KL
+frontier of the report).
+
+A finished stage (its done-file is written, atomically, last) is not redone when `run` is
+started again; an unfinished one resumes from its last checkpoint; `--from STAGE` redoes that
+stage and every later one. A failed stage stops the run, names the stage, and leaves the earlier
+stages intact. Killing `run` at any moment and starting it again loses nothing finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lmschool.checkpoint import atomic_write_text
 from lmschool.errors import UserError
 
-HELP = "run the whole pipeline on the school world (world, pre-training, ...)"
+HELP = "run the whole pipeline on the school world (world, pre-training, SFT, feedback) and write a report"
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TEACHER = "teacher"  # lmschool ppo: the school world's teacher of the world.json beside --prompts
+
+
+def _config(*names: str, preset: str) -> list[str]:
+    """`--config configs/NAME-PRESET.yaml` (or NAME.yaml), for the first name that has one."""
+    candidates = [CONFIGS / f"{name}-{preset}.yaml" for name in names]
+    if preset == "default":
+        candidates += [CONFIGS / f"{name}.yaml" for name in names]
+    for path in candidates:
+        if path.is_file():
+            return ["--config", str(path)]
+    return []
 
 
 @dataclass
 class Stage:
-    name: str
+    name: str                                       # also its directory under --out
     done_file: str                                  # relative to the stage directory
-    argv: Callable[[Path, str, list[str]], list[str]]  # (out, preset, overrides) -> CLI argv
+    argv: Callable[[Path, str], list[str]]          # (out, preset) -> CLI argv, overrides appended
+    resumable: bool = True                          # pass --resume when its directory exists
+    overrides: list[str] = field(default_factory=list)   # fixed key=value (e.g. loss=ipo)
+    group: str = ""                                 # override prefix shared by variants ("dpo")
 
 
-def _config(name: str, preset: str) -> list[str]:
-    path = CONFIGS / f"{name}-{preset}.yaml"
-    if not path.is_file():
-        path = CONFIGS / f"{name}.yaml"
-    return ["--config", str(path)] if path.is_file() else []
+def _world(out, preset):
+    return ["world", "--out", str(out / "world"), "--preset", preset, "--force"]
+
+
+def _pretrain(out, preset):
+    return ["pretrain", "--data", str(out / "world" / "corpus.txt"), "--out", str(out / "pretrain"),
+            *_config("pretrain", preset=preset)]
+
+
+def _sft(out, preset):
+    return ["sft", "--init", str(out / "pretrain"), "--data", str(out / "world" / "sft.jsonl"),
+            "--eval", str(out / "world" / "eval.jsonl"), "--replay", str(out / "world" / "corpus.txt"),
+            "--out", str(out / "sft"), *_config("sft", preset=preset)]
+
+
+def _label(out, preset):
+    return ["label", "--policy", str(out / "sft"), "--prompts", str(out / "world" / "prompts.jsonl"),
+            "--out", str(out / "label" / "prefs.jsonl"), *_config("label", preset=preset)]
+
+
+def _reward(out, preset):
+    return ["reward", "--init", str(out / "sft"), "--data", str(out / "label" / "prefs.jsonl"),
+            "--out", str(out / "reward"), *_config("reward", preset=preset)]
+
+
+def _dpo(name: str, directory: str | None = None):
+    def argv(out, preset):
+        return ["dpo", "--init", str(out / "sft"), "--data", str(out / "label" / "prefs.jsonl"),
+                "--eval", str(out / "world" / "eval.jsonl"), "--out", str(out / (directory or name)),
+                *_config(name, "dpo", preset=preset)]
+    return argv
+
+
+def _ppo(name: str, directory: str | None = None, scorer: bool = False):
+    def argv(out, preset):
+        reward = ["--scorer", TEACHER] if scorer else ["--reward", str(out / "reward")]
+        return ["ppo", "--init", str(out / "sft"), *reward, "--prompts", str(out / "world" / "prompts.jsonl"),
+                "--eval", str(out / "world" / "eval.jsonl"), "--out", str(out / (directory or name)),
+                *_config(name, "ppo", preset=preset)]
+    return argv
 
 
 STAGES = [
-    Stage("world", "world.json",
-          lambda out, preset, o: ["world", "--out", str(out / "world"), "--preset", preset, "--force"]),
-    Stage("pretrain", "summary.json",
-          lambda out, preset, o: ["pretrain", "--data", str(out / "world" / "corpus.txt"),
-                                  "--out", str(out / "pretrain"), *_config("pretrain", preset), *o]),
-    Stage("sft", "summary.json",
-          lambda out, preset, o: ["sft", "--init", str(out / "pretrain"), "--data", str(out / "world" / "sft.jsonl"),
-                                  "--eval", str(out / "world" / "eval.jsonl"),
-                                  "--replay", str(out / "world" / "corpus.txt"), "--out", str(out / "sft"),
-                                  *_config("sft", preset), *o]),
+    Stage("world", "world.json", _world, resumable=False),
+    Stage("pretrain", "summary.json", _pretrain),
+    Stage("sft", "summary.json", _sft),
+    Stage("label", "prefs.jsonl", _label, resumable=False),
+    Stage("reward", "summary.json", _reward),
+    Stage("dpo", "summary.json", _dpo("dpo")),
+    Stage("ipo", "summary.json", _dpo("ipo"), overrides=["loss=ipo"]),
+    Stage("simpo", "summary.json", _dpo("simpo"), overrides=["loss=simpo"]),
+    Stage("ppo", "summary.json", _ppo("ppo")),
+    Stage("grpo", "summary.json", _ppo("grpo", scorer=True)),
 ]
 NAMES = [s.name for s in STAGES]
+
+# The frontier sweep (--sweep): DPO over beta, PPO over the KL coefficient; each point a run.
+SWEEP_DPO_BETAS = (0.03, 0.3, 1.0)
+SWEEP_PPO_KL = (0.001, 0.01, 0.3)
+
+
+def sweep_stages() -> list[Stage]:
+    stages = [Stage(f"sweep/dpo-beta{b:g}", "summary.json", _dpo("dpo", f"sweep/dpo-beta{b:g}"),
+                    overrides=[f"beta={b:g}"], group="dpo") for b in SWEEP_DPO_BETAS]
+    stages += [Stage(f"sweep/ppo-kl{c:g}", "summary.json", _ppo("ppo", f"sweep/ppo-kl{c:g}"),
+                     overrides=[f"kl_coef={c:g}"], group="ppo") for c in SWEEP_PPO_KL]
+    return stages
+
+
+# Rough seconds per stage on a 2-core laptop CPU, for the overall ETA before a stage has run.
+EXPECTED_SECONDS = {
+    "default": {"world": 2, "pretrain": 330, "sft": 120, "label": 45, "reward": 45, "dpo": 55,
+                "ipo": 55, "simpo": 55, "ppo": 100, "grpo": 80, "sweep": 60},
+    "tiny": {"world": 1, "pretrain": 5, "sft": 5, "label": 3, "reward": 3, "dpo": 3, "ipo": 3,
+             "simpo": 3, "ppo": 5, "grpo": 5, "sweep": 3},
+}
+MIN_FREE_BYTES = {"default": 300 << 20, "tiny": 30 << 20}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,19 +149,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=["tiny", "default"], default="default",
                         help="tiny: seconds, for tests; default: the full demo")
     parser.add_argument("--from", dest="from_stage", choices=NAMES, help="redo this stage and all later ones")
+    parser.add_argument("--sweep", action="store_true",
+                        help=f"also run DPO at beta {', '.join(map(str, SWEEP_DPO_BETAS))} and PPO at KL "
+                             f"coefficients {', '.join(map(str, SWEEP_PPO_KL))} for the reward-vs-KL frontier")
     parser.add_argument("overrides", nargs="*", metavar="STAGE.key=value",
-                        help="per-stage config overrides, e.g. pretrain.max_steps=100")
+                        help="per-stage config overrides, e.g. pretrain.max_steps=100 dpo.beta=0.2")
 
 
 def split_overrides(items: list[str]) -> dict[str, list[str]]:
-    per_stage: dict[str, list[str]] = {n: [] for n in NAMES}
+    per_stage: dict[str, list[str]] = {n: [] for n in NAMES if n != "world"}
     for item in items:
         stage, _, rest = item.partition(".")
         if stage not in per_stage or not rest or "=" not in rest:
             raise UserError(f"override '{item}' must look like STAGE.key=value with STAGE one of "
-                            f"{', '.join(NAMES)} (e.g. pretrain.max_steps=100)")
+                            f"{', '.join(per_stage)} (e.g. pretrain.max_steps=100)")
         per_stage[stage].append(rest)
     return per_stage
+
+
+def check_out(out: Path, preset: str) -> None:
+    """Report an unusable --out before any work: not a directory, not writable, disk too full."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: {parent} is not writable")
+    free = shutil.disk_usage(parent).free
+    if free < MIN_FREE_BYTES[preset]:
+        raise UserError(f"--out {out}: only {free >> 20} MiB free on its disk; the {preset} pipeline "
+                        f"needs about {MIN_FREE_BYTES[preset] >> 20} MiB")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,25 +192,34 @@ def run(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     overrides = split_overrides(args.overrides)
+    check_out(out, args.preset)
     out.mkdir(parents=True, exist_ok=True)
+    stages = STAGES + (sweep_stages() if args.sweep else [])
     if args.from_stage:
-        for stage in STAGES[NAMES.index(args.from_stage):]:
+        for stage in stages[NAMES.index(args.from_stage):]:
             shutil.rmtree(out / stage.name, ignore_errors=True)
-    t0 = time.time()
-    seconds: dict[str, float] = {}
+        if NAMES.index(args.from_stage) <= NAMES.index("ppo"):
+            shutil.rmtree(out / "sweep", ignore_errors=True)
+    # The teacher that GRPO's verifiable reward and the evaluations judge with is this run's world.
+    os.environ["LMSCHOOL_WORLD"] = str((out / "world").resolve())
     timing_file = out / "timings.json"
-    if timing_file.is_file():
-        seconds = json.loads(timing_file.read_text())
-    for i, stage in enumerate(STAGES, 1):
+    seconds: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    expected = EXPECTED_SECONDS[args.preset]
+    t0 = time.time()
+    for i, stage in enumerate(stages, 1):
         stage_dir = out / stage.name
-        header = f"[{i}/{len(STAGES)}] {stage.name}"
+        header = f"[{i}/{len(stages)}] {stage.name}"
         if (stage_dir / stage.done_file).is_file():
             print(f"{header}: done already ({stage_dir})", file=sys.stderr)
             continue
-        argv = stage.argv(out, args.preset, overrides[stage.name])
-        if stage.name != "world" and stage_dir.exists():
+        argv = stage.argv(out, args.preset)
+        if stage.resumable and stage_dir.exists():
             argv.append("--resume")
-        print(f"{header}: lmschool {' '.join(argv)}  (elapsed {time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        argv += stage.overrides + overrides.get(stage.group or stage.name, [])
+        left = sum(expected.get(s.name.split("/")[0], 60) for s in stages[i - 1:]
+                   if not (out / s.name / s.done_file).is_file())
+        print(f"\n{header} · elapsed {_clock(time.time() - t0)} · about {_clock(left)} to go\n"
+              f"  lmschool {' '.join(argv)}", file=sys.stderr, flush=True)
         t_stage = time.time()
         status = cli_main(argv)
         if status != 0:
@@ -107,6 +227,12 @@ def run(args: argparse.Namespace) -> int:
                   f"intact. Fix the cause and run again to continue from this stage.", file=sys.stderr)
             return status
         seconds[stage.name] = seconds.get(stage.name, 0.0) + time.time() - t_stage
-        timing_file.write_text(json.dumps(seconds, indent=2) + "\n")
-    print(f"lmschool run: all {len(STAGES)} stages done in {time.time() - t0:.0f}s -> {out}", file=sys.stderr)
+        atomic_write_text(timing_file, json.dumps(seconds, indent=2) + "\n")
+    from lmschool.report import build_report
+    report = build_report(out)
+    print(f"\nlmschool run: all {len(stages)} stages done in {_clock(time.time() - t0)} "
+          f"(stages total {_clock(sum(seconds.values()))}) -> {out}/report.md", file=sys.stderr)
+    met = [b for b in report.get("bars", {}).values() if isinstance(b, dict) and "met" in b]
+    if met:
+        print(f"bars met: {sum(bool(b['met']) for b in met)}/{len(met)} (see {out}/report.md)", file=sys.stderr)
     return 0

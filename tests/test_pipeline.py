@@ -1,23 +1,137 @@
-"""`lmschool run` on the tiny preset: every stage runs; a second run redoes nothing."""
+"""`lmschool run` on the tiny preset: every stage runs and leaves its checkpoint; the report's
+numbers are finite and in range; a second run redoes nothing; a run killed at any moment and
+started again finishes with nothing lost and no finished stage redone."""
 
 import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from lmschool.cli import main
+from lmschool.pipeline import NAMES
+
+POLICY_STAGES = ("dpo", "ipo", "simpo", "ppo", "grpo")
+CHECKPOINTS = ("pretrain", "sft", "reward", *POLICY_STAGES)
 
 
-def test_run_tiny_then_rerun_skips_finished_stages(tmp_path, capsys):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "demo"
     assert main(["run", "--out", str(out), "--preset", "tiny"]) == 0
-    summary = json.loads((out / "pretrain" / "summary.json").read_text())
-    assert summary["val_bpb"] > 0 and 0 <= summary["fact_completion"] <= 1
-    before = (out / "pretrain" / "summary.json").stat().st_mtime_ns
+    return out
+
+
+def test_every_stage_leaves_its_checkpoint(tiny_run):
+    for stage in CHECKPOINTS:
+        config = json.loads((tiny_run / stage / "model" / "config.json").read_text())
+        assert config["architectures"] == (["LlamaForSequenceClassification"] if stage == "reward"
+                                           else ["LlamaForCausalLM"]), stage
+        assert (tiny_run / stage / "summary.json").is_file(), stage
+    assert sum(1 for _ in open(tiny_run / "label" / "prefs.jsonl")) > 0
+    for stage in ("sft", *POLICY_STAGES):
+        assert (tiny_run / stage / "eval_answers.jsonl").is_file(), stage
+
+
+def test_report_numbers_are_finite_and_in_range(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    stages = report["stages"]
+    assert report["seconds_total"] > 0
+    rates = {
+        "pretrain": ["fact_completion"],
+        "sft": ["teacher_score", "correct_heldout_pupils", "correct_train_pupils", "correct_arithmetic",
+                "fact_correct", "refusal_correct", "end_of_turn_rate"],
+        "reward": ["accuracy_noise_free", "accuracy_rater"],
+        **{s: ["teacher_score", "win_rate_vs_sft", "refusal_correct", "fact_correct"] for s in POLICY_STAGES},
+    }
+    for stage, keys in rates.items():
+        for key in keys:
+            value = stages[stage][key]
+            assert value is not None and 0.0 <= value <= 1.0, (stage, key, value)
+        assert stages[stage]["seconds"] > 0, stage
+    assert stages["pretrain"]["val_bpb"] > 0
+    assert -1.0 <= stages["reward"]["teacher_rank_correlation"] <= 1.0
+    for stage in POLICY_STAGES:
+        assert math.isfinite(stages[stage]["kl_from_sft"]), stage
+    text = (tiny_run / "report.md").read_text()
+    for png in sorted((tiny_run / "plots").glob("*.png")):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{png.name}" in text
+
+
+def test_rerun_redoes_nothing(tiny_run, capsys):
+    before = {s: (tiny_run / s / "summary.json").stat().st_mtime_ns for s in CHECKPOINTS}
     capsys.readouterr()
-    assert main(["run", "--out", str(out), "--preset", "tiny"]) == 0
+    assert main(["run", "--out", str(tiny_run), "--preset", "tiny"]) == 0
     err = capsys.readouterr().err
-    assert "pretrain: done already" in err
-    assert (out / "pretrain" / "summary.json").stat().st_mtime_ns == before
+    for stage in NAMES:
+        assert f"{stage}: done already" in err
+    assert before == {s: (tiny_run / s / "summary.json").stat().st_mtime_ns for s in CHECKPOINTS}
 
 
 def test_bad_override_names_the_stage_format(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "x"), "--preset", "tiny", "max_steps=3"]) == 2
     assert "STAGE.key=value" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_reported_before_work(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["run", "--out", str(locked / "demo"), "--preset", "tiny"]) == 2
+        assert "not writable" in capsys.readouterr().err
+        assert not (locked / "demo").exists()
+    finally:
+        locked.chmod(0o700)
+
+
+def _run_until(out: Path, extra: list[str], ready) -> int:
+    """Start `lmschool run` in a subprocess; SIGKILL it as soon as ready(out) holds (returns -9),
+    or return its exit status if it ends first."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lmschool", "run", "--out", str(out), "--preset", "tiny", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if ready(out):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return -9
+        time.sleep(0.05)
+    return proc.wait()
+
+
+def test_kill_during_pretraining_and_during_ppo_then_rerun(tmp_path):
+    out = tmp_path / "demo"
+    # Longer stages than the tiny preset's, so that each kill lands inside its stage.
+    slow = ["pretrain.max_steps=60", "pretrain.save_every=10", "ppo.max_steps=12", "ppo.save_every=2"]
+
+    def in_pretraining(o):
+        return any((o / "pretrain" / "checkpoints").glob("step-*"))
+
+    assert _run_until(out, slow, in_pretraining) == -9
+    assert not (out / "pretrain" / "summary.json").exists()
+    world = (out / "world" / "world.json").stat().st_mtime_ns
+
+    def in_ppo(o):
+        return any((o / "ppo" / "checkpoints").glob("step-*"))
+
+    assert _run_until(out, slow, in_ppo) == -9
+    assert not (out / "ppo" / "summary.json").exists()
+    finished = {s: (out / s / "summary.json").stat().st_mtime_ns for s in ("pretrain", "sft", "reward", "dpo")}
+    assert _run_until(out, slow, lambda o: False) == 0
+    assert (out / "world" / "world.json").stat().st_mtime_ns == world
+    assert finished == {s: (out / s / "summary.json").stat().st_mtime_ns for s in finished}
+    metrics = [json.loads(line) for line in open(out / "pretrain" / "metrics.jsonl")]
+    steps = [m["step"] for m in metrics if "loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 60      # resumed, not restarted or duplicated
+    report = json.loads((out / "report.json").read_text())
+    assert all(report["stages"][s]["seconds"] > 0 for s in ("pretrain", "ppo", "grpo"))

@@ -1,0 +1,47 @@
+"""`lmschool score`: print a reward model's reward for one answer to a prompt.
+
+    lmschool score runs/reward --prompt "What is two plus three?" --response "Two plus three is five."
+    lmschool score runs/reward --prompt "..." --response "..." --system "Be brief." --raw
+
+CKPT is a reward run directory or model directory (from `lmschool reward`). The prompt is one user
+turn (after an optional system message), rendered through the tokenizer's chat template; the
+reward is the score at the answer's closing <|im_end|> minus the checkpoint's reward_bias (the
+SFT policy's answers average 0). --raw prints the score without the bias.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "print a reward model's reward for a response to a prompt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="reward model: run directory or model directory")
+    parser.add_argument("--prompt", required=True, help="the user's message")
+    parser.add_argument("--response", required=True, help="the assistant's answer to score")
+    parser.add_argument("--system", default=None, help="an optional system message before the prompt")
+    parser.add_argument("--raw", action="store_true", help="print the raw score (the bias not subtracted)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmschool.checkpoint import load_model, resolve
+    from lmschool.data.sft import check_conversation
+    from lmschool.errors import UserError
+    from lmschool.stages.reward import check_kind, reward_bias, score_responses
+    from lmschool.tokenizer import Tokenizer
+
+    path = resolve(args.checkpoint)
+    check_kind(path, "reward", "`lmschool score`")
+    model = load_model(path, head="score", device=args.device).eval()
+    tokenizer = Tokenizer.load(path)
+    prompt = ([{"role": "system", "content": args.system}] if args.system else [])
+    prompt.append({"role": "user", "content": args.prompt})
+    if not args.response.strip():
+        raise UserError("--response is empty; give the answer to score")
+    check_conversation(prompt + [{"role": "assistant", "content": args.response}], "--prompt/--response")
+    bias = 0.0 if args.raw else reward_bias(path)
+    (reward,) = score_responses(model, tokenizer, [prompt], [args.response], bias=bias)
+    print(f"{reward:.4f}")
+    return 0

@@ -1,0 +1,892 @@
+"""Stage 3c: PPO against a reward model or a scorer, and critic-free RL (GRPO, RLOO) in the same loop.
+
+    lmschool ppo --init runs/sft --reward runs/reward --prompts runs/world/prompts.jsonl \\
+        --eval runs/world/eval.jsonl --out runs/ppo [--config configs/ppo.yaml] [key=value ...]
+    lmschool ppo --init runs/sft --scorer teacher --prompts runs/world/prompts.jsonl \\
+        --eval runs/world/eval.jsonl --out runs/grpo --config configs/grpo.yaml    # advantage=grpo
+
+Four roles (InstructGPT; "Secrets of RLHF"): the *policy* (trained, from --init), the frozen
+*reference* (a copy of --init), the frozen *reward*: a reward model from `lmschool reward`
+(--reward; its score at the answer's last token minus its `reward_bias`) or a scorer function
+(--scorer module:function taking (prompts, responses) -> [float]; `--scorer teacher` is the school
+world's teacher of the world.json beside --prompts, a verifiable reward), and for advantage=gae a
+*critic* with a scalar head, initialised from the reward model (or from --init's backbone with a
+new head when a scorer is the reward). advantage=grpo / rloo need no critic. Dropout is off in all.
+
+One iteration (config field `max_steps` counts them):
+1. Rollout: `batch_size` prompts (a pure function of the iteration, so resume needs no data
+   state), each sampled `group_size` times from the policy with the KV-cache sampler at
+   `temperature`; a response ends at <|im_end|> or after `max_new_tokens`.
+2. Score: the reward per response; minus `missing_eos_penalty` where no <|im_end|> was written
+   (the "EOS trick" of the N+ implementation details); optional whitening and clipping.
+3. Log-probs of the responses under the policy (recomputed in a forward pass with logits / T,
+   compared with the sampler's as `logprob_mismatch`) and under the reference; the critic's values.
+4. Rewards and advantages (lmschool.losses.ppo): per-token reward -beta * KL_t plus the score at
+   the last token, then GAE (gamma, lam) and whitening; or, critic-free, the sequence reward
+   (score - beta * KL, or the score alone with `kl_in_loss`, GRPO's k3 term) against the group
+   mean (grpo) or the leave-one-out mean (rloo). beta is fixed or adapts to `kl_target`.
+5. Update: `ppo_epochs` passes over shuffled minibatches: the clipped policy loss, the clipped
+   value loss x `vf_coef`, optional entropy bonus, optional PPO-ptx (`ptx_coef` x the
+   next-token loss on windows of --ptx text, InstructGPT's gamma). Policy and critic have their
+   own AdamW (optim.py) and gradient clipping; bf16 autocast where the hardware runs it fast.
+
+PPO does not go through `trainer.fit`: its step needs a rollout, four models and two optimizers.
+It shares the rest: optim.py, `trainer.autocast`, the checkpoint helpers, the progress bar.
+RUN/metrics.jsonl gets one line per iteration: reward (RM or scorer), teacher_score (on the
+rollouts, when a school world is beside --prompts or --eval), kl, kl_coef, entropy, clipfrac,
+approx_kl, vf_loss, explained_variance, response_length, no_eos_rate, rollout_tokens_per_s,
+update_tokens_per_s and more. Every `save_every` iterations RUN/checkpoints/step-N holds the
+policy and trainer_state.pt (critic, both optimizers, KL controller, RNG, iteration): `--resume`
+continues exactly as an uninterrupted run would. At the end: RUN/model (the policy,
+`"kind": "policy"`), and with --eval the DPO stage's evaluation (`evaluate.evaluate_policy`:
+teacher score per category, win rate against the SFT answers of RUN_SFT/eval_answers.jsonl found
+beside --init, KL from SFT) in RUN/summary.json and RUN/eval_answers.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lmschool import distributed
+from lmschool.checkpoint import (atomic_write_text, latest_checkpoint, load_model, load_training_state,
+                                 model_extra, read_config, resolve, save_model,
+                                 save_training_checkpoint)
+from lmschool.config import check
+from lmschool.errors import DataError, UserError
+from lmschool.evaluate import load_scorer, read_eval_rows, school_teacher
+from lmschool.generate import generate
+from lmschool.losses.lm import lm_loss
+from lmschool.losses.ppo import (ADVANTAGES, KLController, explained_variance, gae, kl_penalty,
+                                 masked_mean, masked_whiten, policy_loss, token_rewards, value_loss)
+from lmschool.optim import build_optimizer, lr_at
+from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
+                                    save_resolved_config, write_summary)
+from lmschool.stages.reward import check_kind
+from lmschool.tokenizer import Tokenizer
+from lmschool.trainer import (Progress, TrainConfig, autocast, resolve_precision, rng_state,
+                              set_rng_state, truncate_metrics)
+
+HELP = "stage 3c: PPO against a reward model or scorer; GRPO and RLOO (critic-free) in the same loop"
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """RL from a reward: the loop's settings (TrainConfig) plus rollout, reward, advantage and update."""
+
+    max_steps: int = 20
+    """RL iterations (each: one rollout batch, then ppo_epochs of updates on it)."""
+    batch_size: int = 32
+    """Prompts per iteration (each sampled group_size times)."""
+    grad_accum: int = 1
+    """Micro-batches each minibatch is split into (same gradient, less memory)."""
+    lr: float = 3e-5
+    """Policy learning rate (peak)."""
+    critic_lr: float = 1e-4
+    """Critic learning rate (peak; follows the policy's schedule)."""
+    warmup_steps: int = 0
+    """Linear warmup, in iterations."""
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+    """Learning-rate decay after warmup, over iterations."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices."""
+    eval_every: int = 0
+    """Judge greedy answers to --eval with the teacher every this many iterations (0 = only at the end)."""
+    save_every: int = 10
+    """Write a resumable checkpoint every this many iterations (0 = only at the end)."""
+    log_every: int = 1
+    """Print a progress line every this many iterations (metrics.jsonl gets every iteration)."""
+    compile: bool = False
+    """Not supported by PPO: the policy changes every iteration (the sampler packs its weights instead)."""
+
+    advantage: Literal["gae", "grpo", "rloo"] = "gae"
+    """gae: critic + GAE (PPO); grpo: group-normalised scores (GRPO); rloo: leave-one-out baseline (RLOO)."""
+    group_size: int = 1
+    """Samples per prompt (G, or K for RLOO); grpo and rloo need >= 2."""
+    max_new_tokens: int = 64
+    """Longest sampled response; one cut here gets missing_eos_penalty."""
+    temperature: float = 0.7
+    """Sampling temperature of the rollouts (the log-probs are recomputed with logits / temperature)."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of a response without <|im_end|> (the EOS trick; 0 = off)."""
+    whiten_scores: bool = False
+    """Whiten the sequence scores over each rollout batch (mean 0, std 1) before the KL is added."""
+    score_clip: float = 0.0
+    """Clip the scores to [-score_clip, score_clip] after whitening (0 = off)."""
+    kl_coef: float = 0.05
+    """beta: weight of the KL to the reference (initial value when kl_target is set)."""
+    kl_target: float | None = None
+    """Adaptive KL (Ziegler et al.): the sequence KL (nats) to steer beta towards; null = fixed beta."""
+    kl_horizon: int = 10000
+    """Adaptive KL: rollouts over which beta may change by up to 20%."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimate used in the reward (or the loss): k1 = log-ratio, k3 = GRPO's."""
+    kl_in_loss: bool = False
+    """Put beta x KL in the loss (GRPO) instead of the reward (InstructGPT)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten the advantages over each rollout batch."""
+    scale_group_std: bool = True
+    """grpo: divide by the group's std (false = Dr. GRPO)."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
+    minibatch_size: int = 16
+    """Sequences per optimizer step."""
+    clip_eps: float = 0.2
+    """Policy ratio clip range epsilon."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    vf_clip: float = 0.2
+    """Value clip range around the rollout's values (0 = off)."""
+    critic_warmup: int = 0
+    """First iterations that train only the critic (its head starts as the reward model's, not a value)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (entropy is logged either way)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of the next-token loss on --ptx text per minibatch (InstructGPT's gamma)."""
+    ptx_windows: int = 4
+    """PPO-ptx: windows of context-length text per minibatch."""
+    eval_max_new_tokens: int = 128
+    """Longest greedy answer to each --eval prompt (keep SFT's for a fair win rate)."""
+    eval_batch_size: int = 32
+    """Prompts answered at once in the evaluation."""
+    kl_samples: int = 1
+    """Samples per eval prompt for kl_from_sft."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(not self.compile, "compile", "is not supported by PPO (the policy changes every iteration)")
+        check(self.critic_lr > 0, "critic_lr", "must be positive")
+        check(self.group_size >= 1, "group_size", "must be >= 1")
+        if self.advantage in ("grpo", "rloo"):
+            check(self.group_size >= 2, "group_size",
+                  f"advantage={self.advantage} compares samples of one prompt: set group_size >= 2 (e.g. 4)")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.temperature > 0, "temperature", "must be > 0 (RL samples; greedy rollouts do not explore)")
+        check(self.missing_eos_penalty >= 0, "missing_eos_penalty", "must be >= 0 (it is subtracted)")
+        check(self.score_clip >= 0, "score_clip", "must be >= 0 (0 = off)")
+        check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        check(self.kl_target is None or self.kl_target > 0, "kl_target", "must be > 0 (or null for fixed beta)")
+        check(self.kl_horizon >= 1, "kl_horizon", "must be >= 1")
+        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma/lam", "must be in [0, 1]")
+        check(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
+        check(self.minibatch_size >= 1, "minibatch_size", "must be >= 1")
+        check(self.minibatch_size >= self.grad_accum, "grad_accum", "must be <= minibatch_size")
+        check(self.clip_eps > 0, "clip_eps", "must be > 0")
+        check(self.vf_coef >= 0 and self.vf_clip >= 0, "vf_coef/vf_clip", "must be >= 0")
+        check(self.entropy_coef >= 0, "entropy_coef", "must be >= 0")
+        check(self.critic_warmup >= 0, "critic_warmup", "must be >= 0")
+        check(self.critic_warmup == 0 or self.advantage == "gae", "critic_warmup", "needs advantage=gae (a critic)")
+        check(self.ptx_coef >= 0, "ptx_coef", "must be >= 0")
+        check(self.ptx_windows >= 1, "ptx_windows", "must be >= 1")
+        check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", "must be >= 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        check(self.kl_samples >= 1, "kl_samples", "must be >= 1")
+
+    @property
+    def rollout_size(self) -> int:
+        return self.batch_size * self.group_size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", required=True, metavar="CKPT",
+                        help="the policy to start from (and the frozen reference): an SFT run or model directory")
+    reward = parser.add_mutually_exclusive_group(required=True)
+    reward.add_argument("--reward", metavar="RM_CKPT", help="a reward model from `lmschool reward` (run or model dir)")
+    reward.add_argument("--scorer", metavar="MODULE:FUNCTION",
+                        help="a reward function (prompts, responses) -> [float]; 'teacher' = the school "
+                             "world's teacher of the world.json beside --prompts (else the default world)")
+    parser.add_argument("--prompts", type=Path, required=True, metavar="FILE",
+                        help='RL prompts, JSONL: {"prompt": "..." | [messages ending with a user turn]}')
+    parser.add_argument("--eval", type=Path, metavar="FILE",
+                        help="prompts to answer and judge at the end (eval.jsonl); win rate against "
+                             "--init's eval_answers.jsonl")
+    parser.add_argument("--ptx", type=Path, action="append", metavar="FILE",
+                        help="pre-training text for PPO-ptx (with ptx_coef > 0); repeatable")
+    add_run_arguments(parser)
+
+
+# ---- the four roles -----------------------------------------------------------------------------
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere (N+ details: it makes log-probs of the same tokens disagree)."""
+    model.config.dropout = 0.0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "dropout") and isinstance(module.dropout, float):
+            module.dropout = 0.0
+    return model
+
+
+def check_same_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
+    """The reward model must read the policy's token ids: its vocabulary must be the policy's."""
+    ours = tokenizer.backend.get_vocab(with_added_tokens=True)
+    theirs = Tokenizer.load(path).backend.get_vocab(with_added_tokens=True)
+    if ours != theirs:
+        differ = sorted(t for t in set(ours) | set(theirs) if ours.get(t) != theirs.get(t))
+        raise UserError(f"--reward {path}: its tokenizer differs from --init's ({len(theirs)} vs {len(ours)} "
+                        f"tokens, {len(differ)} differ, e.g. {differ[:3]}); the reward model must read "
+                        "the policy's token ids: train it from the same SFT run")
+
+
+class ModelReward:
+    """A frozen reward model: score at the answer's last token minus its reward_bias."""
+
+    def __init__(self, path: Path, tokenizer: Tokenizer, device):
+        check_kind(path, "reward", "--reward")
+        check_same_tokenizer(path, tokenizer)
+        self.model = disable_dropout(load_model(path, head="score")).to(device).eval().requires_grad_(False)
+        self.bias = float(model_extra(path).get("reward_bias", 0.0))
+        self.tokenizer, self.name = tokenizer, str(path)
+
+    @torch.no_grad()
+    def of_rollout(self, batch: Rollout, prompts: list[list[dict]], texts: list[str],
+                   chunk: int) -> torch.Tensor:
+        from lmschool.losses.reward import rewards_at
+        out = []
+        for rows in _chunks(batch.size, chunk):
+            scores = self.model(batch.input_ids[rows])                                  # (n, L)
+            out.append(rewards_at(scores, batch.last_index[rows]) - self.bias)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def of_texts(self, prompts: list[list[dict]], texts: list[str], chunk: int) -> list[float]:
+        tok = self.tokenizer
+        seqs = [tok.render(p, add_generation_prompt=True)[0] + tok.encode(t, allow_special=False) + [tok.im_end_id]
+                for p, t in zip(prompts, texts)]
+        context = self.model.config.max_position_embeddings
+        seqs = [s[-context:] for s in seqs]
+        batch = Rollout.build(seqs, [len(s) - 1 for s in seqs], tok.pad_id or 0,
+                              next(self.model.parameters()).device)
+        return self.of_rollout(batch, prompts, texts, chunk).tolist()
+
+
+class ScorerReward:
+    """A `module:function` reward: (prompts as message lists, response texts) -> one number each."""
+
+    def __init__(self, function, name: str):
+        self.function, self.name = function, name
+
+    def of_texts(self, prompts: list[list[dict]], texts: list[str], chunk: int = 0) -> list[float]:
+        values = self.function(prompts, texts)
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise UserError(f"--scorer {self.name} must return one number per response; it returned "
+                            f"{str(values)[:80]}") from None
+        if len(values) != len(texts):
+            raise UserError(f"--scorer {self.name} returned {len(values)} scores for {len(texts)} responses")
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            raise UserError(f"--scorer {self.name} returned a non-finite score ({bad[0]}); scores must be numbers")
+        return values
+
+    def of_rollout(self, batch: Rollout, prompts, texts, chunk: int) -> torch.Tensor:
+        return torch.tensor(self.of_texts(prompts, texts), device=batch.input_ids.device)
+
+
+def world_teacher(*paths: Path | None):
+    """The school world's teacher if a world.json lies beside one of `paths`, else None."""
+    for p in paths:
+        if p is not None and (Path(p).parent / "world.json").is_file():
+            return school_teacher(p)
+    return None
+
+
+def make_reward(args, tokenizer: Tokenizer, device):
+    if args.reward:
+        return ModelReward(resolve(args.reward), tokenizer, device)
+    if args.scorer == "teacher":
+        teacher = school_teacher(args.prompts)
+        return ScorerReward(teacher.reward, "teacher")
+    return ScorerReward(load_scorer(args.scorer), args.scorer)
+
+
+# ---- rollouts --------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """Sequences (prompt + response), right-padded, and where each response token sits.
+
+    N rows, L longest sequence, R longest response."""
+
+    input_ids: torch.Tensor   # (N, L) prompt + response ids, pad after
+    positions: torch.Tensor   # (N, R) index in L of the position whose logits predict response token t
+    tokens: torch.Tensor      # (N, R) response ids, pad after
+    mask: torch.Tensor        # (N, R) float, 1 on response tokens
+    last_index: torch.Tensor  # (N,) index in L of each row's last token (where a reward model reads)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @staticmethod
+    def build(sequences: list[list[int]], prompt_lens: list[int], pad_id: int, device) -> Rollout:
+        N, L = len(sequences), max(len(s) for s in sequences)
+        R = max(1, max(len(s) - p for s, p in zip(sequences, prompt_lens)))
+        input_ids = torch.full((N, L), pad_id, dtype=torch.long)
+        tokens = torch.full((N, R), pad_id, dtype=torch.long)
+        mask = torch.zeros(N, R)
+        for i, (s, p) in enumerate(zip(sequences, prompt_lens)):
+            input_ids[i, :len(s)] = torch.as_tensor(s)
+            tokens[i, :len(s) - p] = torch.as_tensor(s[p:], dtype=torch.long)
+            mask[i, :len(s) - p] = 1
+        starts = torch.as_tensor(prompt_lens)[:, None] - 1                                # (N, 1)
+        positions = (starts + torch.arange(R)[None]).clamp(max=L - 1)                     # (N, R)
+        last_index = torch.as_tensor([len(s) - 1 for s in sequences])                     # (N,)
+        return Rollout(input_ids.to(device), positions.to(device), tokens.to(device), mask.to(device),
+                       last_index.to(device))
+
+    def rows(self, idx: torch.Tensor) -> Rollout:
+        """A subset of rows, trimmed to their longest sequence and response."""
+        mask = self.mask[idx]
+        R = max(1, int(mask.sum(1).max()))
+        L = int(self.last_index[idx].max()) + 1
+        return Rollout(self.input_ids[idx, :L], self.positions[idx, :R].clamp(max=L - 1),
+                       self.tokens[idx, :R], mask[:, :R], self.last_index[idx])
+
+
+def response_logprobs(model, batch: Rollout, temperature: float, entropy_grad: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_T(y_t) = log_softmax(logits / T)[y_t] of each response token, as the sampler
+    computed it, and the entropy of each of those distributions (detached unless entropy_grad).
+    Only response positions go through the LM head. Returns (logprobs (N, R), entropy (N, R)),
+    float32."""
+    h = model.hidden(batch.input_ids)                                                   # (N, L, C)
+    h = h.gather(1, batch.positions[..., None].expand(-1, -1, h.shape[-1]))            # (N, R, C)
+    logits = model.lm_head(h).float() / temperature                                     # (N, R, V)
+    logp_all = logits.log_softmax(-1)
+    logprobs = logp_all.gather(-1, batch.tokens[..., None]).squeeze(-1)                  # (N, R)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)                                  # (N, R)
+    return logprobs, entropy
+
+
+def response_values(critic, batch: Rollout) -> torch.Tensor:
+    """The critic's V(s_t) for the state before each response token. Returns (N, R) float32."""
+    return critic(batch.input_ids).float().gather(1, batch.positions)                   # (N, R)
+
+
+def _chunks(n: int, size: int) -> list[torch.Tensor]:
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def _in_chunks(fn, batch: Rollout, chunk: int) -> list[torch.Tensor]:
+    """fn over row chunks of `batch`, outputs padded back to (N, R)."""
+    parts = [fn(batch.rows(rows)) for rows in _chunks(batch.size, chunk)]
+    R = batch.tokens.shape[1]
+    out = []
+    for k in range(len(parts[0]) if isinstance(parts[0], tuple) else 1):
+        pieces = [p[k] if isinstance(p, tuple) else p for p in parts]
+        out.append(torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in pieces]))
+    return out
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+class PPO:
+    """The policy, reference, reward and critic, the optimizers and the KL controller; `iteration()`
+    runs one rollout + update and returns its metrics."""
+
+    def __init__(self, cfg: PPOConfig, policy, reference, reward, critic, tokenizer: Tokenizer,
+                 prompts: list[dict], prompt_ids: list[list[int]], device, teacher=None, ptx=None):
+        self.cfg, self.policy, self.reference, self.reward, self.critic = cfg, policy, reference, reward, critic
+        self.tokenizer, self.prompts, self.prompt_ids, self.device = tokenizer, prompts, prompt_ids, device
+        self.teacher, self.ptx = teacher, ptx
+        self.eval_rows: list[dict] | None = None   # for eval_every
+        self.precision = resolve_precision(device, cfg.precision)
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        betas = (cfg.beta1, cfg.beta2)
+        self.policy_opt = build_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas)
+        self.critic_opt = (build_optimizer(critic, lr=cfg.critic_lr, weight_decay=cfg.weight_decay, betas=betas)
+                           if critic is not None else None)
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.step = 0
+
+    # -- state --
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "optimizer": self.policy_opt.state_dict(), "kl": self.kl_ctl.state_dict(),
+                 "rng": rng_state()}
+        if self.critic is not None:
+            state["critic"] = {k: v.detach().cpu() for k, v in self.critic.state_dict().items()}
+            state["critic_optimizer"] = self.critic_opt.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.policy_opt.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl"])
+        if self.critic is not None:
+            if "critic" not in state:
+                raise UserError("--resume: the checkpoint has no critic (it was a critic-free run); "
+                                "resume with the same advantage setting, or use --force")
+            self.critic.load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_optimizer"])
+        set_rng_state(state["rng"])
+
+    # -- one iteration --
+    def prompt_indices(self, step: int) -> list[int]:
+        """The prompts of iteration `step`: consecutive slices of per-epoch permutations (seeded)."""
+        n, B = len(self.prompts), self.cfg.batch_size
+        orders: dict[int, np.ndarray] = {}
+        out = []
+        for k in range(step * B, (step + 1) * B):
+            epoch, i = divmod(k, n)
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+            out.append(int(orders[epoch][i]))
+        return out
+
+    def iteration(self) -> dict:
+        cfg, tok = self.cfg, self.tokenizer
+        step = self.step
+        lr_scale = lr_at(step, lr=1.0, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                         min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
+        for group in self.policy_opt.param_groups:
+            group["lr"] = cfg.lr * lr_scale
+        if self.critic_opt is not None:
+            for group in self.critic_opt.param_groups:
+                group["lr"] = cfg.critic_lr * lr_scale
+
+        # 1. rollout: each prompt group_size times, in contiguous groups
+        index = [i for i in self.prompt_indices(step) for _ in range(cfg.group_size)]
+        t0 = time.time()
+        with autocast(self.device, self.precision):
+            gen = generate(self.policy, [self.prompt_ids[i] for i in index], cfg.max_new_tokens,
+                           temperature=cfg.temperature, stop_ids=tok.stop_ids, pad_id=self.pad_id,
+                           seed=cfg.seed * 1_000_003 + step, return_logprobs=True)
+        rollout_s = time.time() - t0
+        ended = torch.tensor([bool(t) and t[-1] == tok.im_end_id for t in gen.tokens], device=self.device)
+        batch = Rollout.build([self.prompt_ids[i] + t for i, t in zip(index, gen.tokens)],
+                              [len(self.prompt_ids[i]) for i in index], self.pad_id, self.device)
+        texts = [tok.decode(t, skip_special=True).strip() for t in gen.tokens]
+        prompts = [self.prompts[i]["prompt"] for i in index]
+
+        # 2.-3. scores, log-probs, values (no gradient)
+        t1 = time.time()
+        chunk = cfg.minibatch_size
+        with torch.no_grad(), autocast(self.device, self.precision):
+            raw_scores = self.reward.of_rollout(batch, prompts, texts, chunk).float()      # (N,)
+            old_logprobs, entropy = _in_chunks(lambda b: response_logprobs(self.policy, b, cfg.temperature),
+                                               batch, chunk)                                # (N, R) each
+            ref_logprobs, = _in_chunks(lambda b: response_logprobs(self.reference, b, cfg.temperature)[0],
+                                       batch, chunk)
+            values = (_in_chunks(lambda b: response_values(self.critic, b), batch, chunk)[0]
+                      if self.critic is not None else None)
+        mask = batch.mask
+        sampler_lp = torch.zeros_like(old_logprobs)
+        for i, lp in enumerate(gen.logprobs):
+            sampler_lp[i, :len(lp)] = torch.tensor(lp)
+
+        # 4. rewards and advantages
+        scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()
+        if cfg.whiten_scores:
+            scores = masked_whiten(scores[None], torch.ones_like(scores[None]))[0]
+        if cfg.score_clip:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        kl_coef = self.kl_ctl.value
+        kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask                 # (N, R)
+        seq_kl_k1 = ((old_logprobs - ref_logprobs) * mask).sum(1)                         # (N,)
+        reward_kl = 0.0 if cfg.kl_in_loss else kl_coef
+        if cfg.advantage == "gae":
+            rewards, non_score = token_rewards(scores, kl, mask, reward_kl)
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        else:
+            non_score = -reward_kl * kl
+            sequence_reward = scores + non_score.sum(1)                                    # (N,)
+            adv_fn = ADVANTAGES[cfg.advantage]
+            kwargs = {"scale_std": cfg.scale_group_std} if cfg.advantage == "grpo" else {}
+            advantages = adv_fn(sequence_reward, cfg.group_size, **kwargs)[:, None] * mask  # (N, R)
+            returns = None
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        prepare_s = time.time() - t1
+
+        # 5. updates
+        t2 = time.time()
+        update = self.update(batch, old_logprobs, ref_logprobs, advantages, values, returns, kl_coef, step)
+        update_s = time.time() - t2
+        self.kl_ctl.update(seq_kl_k1.mean().item(), batch.size)
+        self.step += 1
+        update_tokens = update.pop("_tokens")
+
+        n_resp = mask.sum().item()
+        metrics = {
+            "step": self.step,
+            "reward": raw_scores.mean().item(),
+            "reward_std": raw_scores.std().item() if raw_scores.numel() > 1 else 0.0,
+            "score": scores.mean().item(),
+            "no_eos_rate": 1.0 - ended.float().mean().item(),
+            "kl": seq_kl_k1.mean().item(),
+            "kl_per_token": (seq_kl_k1.sum() / max(n_resp, 1)).item(),
+            "kl_coef": kl_coef,
+            "non_score_reward": non_score.sum(1).mean().item(),
+            "entropy": masked_mean(entropy, mask).item(),
+            "response_length": n_resp / batch.size,
+            "logprob_mismatch": masked_mean((old_logprobs - sampler_lp).abs(), mask).item(),
+            "lr": cfg.lr * lr_scale,
+            **update,
+            "rollout_tokens_per_s": n_resp / max(rollout_s, 1e-9),
+            "update_tokens_per_s": update_tokens / max(update_s, 1e-9),
+            "rollout_seconds": rollout_s, "score_seconds": prepare_s, "update_seconds": update_s,
+        }
+        if values is not None:
+            metrics["explained_variance"] = explained_variance(values, returns, mask)
+            metrics["value_mean"] = masked_mean(values, mask).item()
+        if self.teacher is not None:
+            metrics["teacher_score"] = float(np.mean(self.teacher.reward(prompts, texts)))
+        metrics["sample"] = {"prompt": prompts[0][-1]["content"], "response": texts[0],
+                             "reward": raw_scores[0].item()}
+        return metrics
+
+    def update(self, batch: Rollout, old_logprobs, ref_logprobs, advantages, values, returns,
+               kl_coef: float, step: int) -> dict:
+        """ppo_epochs passes of minibatch steps over the rollout; returns mean metrics."""
+        cfg = self.cfg
+        N = batch.size
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
+        sums: dict[str, float] = {}
+        n_steps, tokens = 0, 0
+        self.policy.train()
+        if self.critic is not None:
+            self.critic.train()
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(N, generator=gen)
+            for start in range(0, N, cfg.minibatch_size):
+                rows = order[start:start + cfg.minibatch_size]
+                m = self.minibatch_step(batch, rows, old_logprobs, ref_logprobs, advantages, values,
+                                        returns, kl_coef, step * 10_000 + n_steps,
+                                        train_policy=step >= cfg.critic_warmup)
+                tokens += m.pop("_tokens")
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_steps += 1
+        out = {k: v / n_steps for k, v in sums.items()}
+        out["_tokens"] = tokens
+        return out
+
+    def minibatch_step(self, batch: Rollout, rows, old_logprobs, ref_logprobs, advantages, values,
+                       returns, kl_coef: float, ptx_step: int, train_policy: bool = True) -> dict:
+        """One optimizer step of the policy (unless warming up the critic) and of the critic on
+        the rollout rows `rows`: micro-batches (forward, loss, backward), PPO-ptx, clip, step.
+        Losses are token means over the minibatch (each micro-batch weighted by its tokens)."""
+        cfg, dev = self.cfg, self.device
+        mb_tokens = batch.mask[rows].sum().clamp(min=1)
+        sums: dict[str, float] = {}
+        tokens = 0
+        for part in (rows[i::cfg.grad_accum] for i in range(cfg.grad_accum)):
+            if not part.numel():
+                continue
+            sub = batch.rows(part)
+            R, mask = sub.tokens.shape[1], sub.mask
+            weight = (mask.sum() / mb_tokens).item()
+            loss = torch.zeros((), device=dev)
+            metrics: dict[str, float] = {}
+            with autocast(dev, self.precision):
+                if train_policy:
+                    logprobs, entropy = response_logprobs(self.policy, sub, cfg.temperature,
+                                                          entropy_grad=cfg.entropy_coef > 0)
+                    pg_loss, pm = policy_loss(logprobs, old_logprobs[part, :R], advantages[part, :R], mask,
+                                              cfg.clip_eps)
+                    entropy = masked_mean(entropy, mask)
+                    loss = pg_loss - cfg.entropy_coef * entropy if cfg.entropy_coef else pg_loss
+                    metrics.update(pg_loss=pg_loss.item(), **pm, update_entropy=entropy.item())
+                    if cfg.kl_in_loss and kl_coef:      # GRPO: beta * KL_k3 in the loss
+                        kl = masked_mean(kl_penalty(logprobs, ref_logprobs[part, :R], cfg.kl_estimator), mask)
+                        loss = loss + kl_coef * kl
+                        metrics["kl_loss"] = kl.item()
+                if self.critic is not None:
+                    v = response_values(self.critic, sub)
+                    vf_loss, vm = value_loss(v, values[part, :R], returns[part, :R], mask, cfg.vf_clip)
+                    loss = loss + cfg.vf_coef * vf_loss
+                    metrics.update(vf_loss=vf_loss.item(), **vm)
+            (loss * weight).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * weight
+            tokens += int(sub.last_index.sum().item()) + sub.size
+        if self.ptx is not None and train_policy:        # PPO-ptx: gamma * next-token loss on text
+            ptx_batch = {k: v.to(dev) if torch.is_tensor(v) else v
+                         for k, v in self.ptx.micro_batches(ptx_step, 1, 0, 1)[0].items()}
+            with autocast(dev, self.precision):
+                ptx_loss, _ = lm_loss(self.policy, ptx_batch)
+            (cfg.ptx_coef * ptx_loss).backward()
+            sums["ptx_loss"] = ptx_loss.item()
+            tokens += ptx_batch["input_ids"].numel()
+        if train_policy:
+            sums["grad_norm"] = _clip_and_step(self.policy, self.policy_opt, cfg.grad_clip)
+        if self.critic is not None:
+            sums["critic_grad_norm"] = _clip_and_step(self.critic, self.critic_opt, cfg.grad_clip)
+        sums["_tokens"] = tokens
+        return sums
+
+
+def _clip_and_step(model, optimizer, grad_clip: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise UserError(f"the gradient norm became {norm}; weights were not updated. Try a lower lr "
+                        "or grad_clip, or a larger kl_coef")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def read_prompts(path: Path, tokenizer: Tokenizer, context: int, max_new_tokens: int
+                 ) -> tuple[list[dict], list[list[int]]]:
+    """The prompt rows and their token ids (chat template + assistant header). A prompt that
+    leaves fewer than max_new_tokens positions of the context is a DataError naming its line."""
+    rows = read_eval_rows(path)
+    ids = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
+    for row, p in zip(rows, ids):
+        if len(p) + max_new_tokens > context:
+            raise DataError(f"{row['where']}: the prompt is {len(p)} tokens; with max_new_tokens="
+                            f"{max_new_tokens} it needs {len(p) + max_new_tokens} positions, more than "
+                            f"the model's context of {context}; shorten the prompt or lower max_new_tokens")
+    return rows, ids
+
+
+def sft_run_files(init_arg: str | Path) -> tuple[dict | None, list[dict] | None]:
+    """SFT's summary.json and eval_answers.jsonl beside --init (a run dir or its model/ subdir)."""
+    p = Path(init_arg)
+    for run in ([p, p.parent] if p.name == "model" else [p]):
+        summary, answers = run / "summary.json", run / "eval_answers.jsonl"
+        if summary.is_file() or answers.is_file():
+            s = json.loads(summary.read_text()) if summary.is_file() else None
+            records = ([json.loads(line) for line in answers.read_text().splitlines() if line.strip()]
+                       if answers.is_file() else None)
+            return s, records
+    return None, None
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps(r["prompt"], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_stage_config(PPOConfig, args)
+    timer = Timer()
+    if int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("lmschool ppo runs on one process; launch it without torchrun")
+
+    # --- everything is checked before --out is touched ---
+    init = resolve(args.init)
+    check_kind(init, "policy", "--init")
+    tokenizer = Tokenizer.load(init)
+    if not tokenizer.has_chat_tokens:
+        raise UserError(f"--init {init}: its tokenizer lacks the chat tokens; PPO samples chat answers")
+    context = int(read_config(init).get("max_position_embeddings", 0)) or 0
+    prompts, prompt_ids = read_prompts(args.prompts, tokenizer, context, cfg.max_new_tokens)
+    eval_rows = read_eval_rows(args.eval) if args.eval else None
+    if cfg.ptx_coef > 0 and not args.ptx:
+        raise UserError("ptx_coef > 0 needs --ptx FILE (pre-training text for PPO-ptx)")
+    if args.ptx and cfg.ptx_coef == 0:
+        raise UserError("--ptx was given but ptx_coef is 0; set ptx_coef (e.g. ptx_coef=0.5) or leave out --ptx")
+    if args.ptx:
+        from lmschool.data.text import check_data
+        check_data(args.ptx)
+    device = distributed.pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    reward = make_reward(args, tokenizer, device)   # checks --reward's kind and tokenizer, --scorer's import
+    teacher = world_teacher(args.prompts, args.eval)
+    if teacher is None and args.scorer == "teacher":
+        teacher = reward.function.__self__
+
+    out: Path = args.out
+    resuming = open_run(out, args, distributed.Dist(device=device), "ppo")
+    if resuming is None:
+        return 0
+    data_info = {"prompts": str(args.prompts), "rows": len(prompts), "fingerprint": _fingerprint(prompts)}
+    if resuming and (out / "data.json").is_file():
+        before = json.loads((out / "data.json").read_text())
+        if before.get("fingerprint") != data_info["fingerprint"]:
+            raise UserError(f"--resume: --prompts differs from the prompts this run started with "
+                            f"({before.get('rows')} -> {len(prompts)} rows, or other contents); resume "
+                            "with the same file, or use --force")
+    save_resolved_config(cfg, out)
+    atomic_write_text(out / "data.json", json.dumps(data_info, indent=2) + "\n")
+
+    torch.manual_seed(cfg.seed)
+    policy = disable_dropout(load_model(init, head="lm")).to(device)
+    reference = disable_dropout(load_model(init, head="lm")).to(device).eval().requires_grad_(False)
+    critic = None
+    if cfg.advantage == "gae":
+        source = resolve(args.reward) if args.reward else init
+        critic = disable_dropout(load_model(source, head="score", new_head=not args.reward)).to(device)
+    ptx = None
+    if args.ptx:
+        from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
+        if not (resuming and (out / "ptx" / "meta.json").is_file()):
+            prepare(list(args.ptx), tokenizer, out / "ptx", val_fraction=0.01, seed=cfg.seed)
+        ptx = TokenWindows(load_tokens(out / "ptx", "train"), context, cfg.ptx_windows, seed=cfg.seed + 1)
+    loop = PPO(cfg, policy, reference, reward, critic, tokenizer, prompts, prompt_ids, device,
+               teacher=teacher, ptx=ptx)
+    loop.eval_rows = eval_rows
+    if resuming:
+        resume(loop, out)
+
+    train_loop(loop, out)
+    model_dir = save_model(out / "model", policy, tokenizer, _extra(cfg, args))
+
+    summary = finish(loop, args, cfg, out, eval_rows)
+    summary["seconds"] = timer.seconds
+    write_summary(out, summary)
+    print_summary(summary, model_dir)
+    return 0
+
+
+def _extra(cfg: PPOConfig, args) -> dict:
+    return {"kind": "policy", "stage": "ppo", "advantage": cfg.advantage,
+            "reward": str(args.reward) if args.reward else args.scorer}
+
+
+def resume(loop: PPO, out: Path) -> None:
+    from safetensors.torch import load_file
+    last = latest_checkpoint(out)
+    if last is None:
+        return
+    loop.policy.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
+    loop.load_state_dict(load_training_state(last))
+    truncate_metrics(out / "metrics.jsonl", loop.step)
+
+
+def train_loop(loop: PPO, out: Path) -> None:
+    cfg = loop.cfg
+    name = "ppo" if cfg.advantage == "gae" else cfg.advantage
+    # the bar on a terminal; otherwise a line every log_every iterations (the bar's lines show a loss)
+    progress = Progress(cfg.max_steps, loop.step, name, sys.stderr.isatty())
+    t0, start = time.time(), loop.step
+    try:
+        while loop.step < cfg.max_steps:
+            metrics = loop.iteration()
+            if cfg.eval_every and loop.step % cfg.eval_every == 0 and loop.step < cfg.max_steps:
+                metrics.update(periodic_eval(loop))
+            with open(out / "metrics.jsonl", "a") as f:   # nan (e.g. constant returns) -> null
+                f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                    for k, v in metrics.items()}) + "\n")
+            progress.update(loop.step, {"lr": metrics["lr"]}, False)
+            if not sys.stderr.isatty() and (loop.step % cfg.log_every == 0 or loop.step == cfg.max_steps):
+                eta = (time.time() - t0) / (loop.step - start) * (cfg.max_steps - loop.step)
+                teacher = f" teacher {metrics['teacher_score']:.3f}" if "teacher_score" in metrics else ""
+                print(f"[{name}] iteration {loop.step}/{cfg.max_steps} reward {metrics['reward']:.3f}{teacher} "
+                      f"kl {metrics['kl']:.2f} length {metrics['response_length']:.1f} eta {eta:.0f}s",
+                      file=sys.stderr, flush=True)
+            if cfg.save_every and loop.step % cfg.save_every == 0 and loop.step < cfg.max_steps:
+                save_training_checkpoint(out, loop.step, loop.policy, loop.state_dict(), loop.tokenizer,
+                                         {"kind": "policy", "stage": "ppo"}, cfg.keep_last)
+    finally:
+        progress.close()
+
+
+def periodic_eval(loop: PPO) -> dict:
+    """Greedy answers to the --eval prompts judged by the teacher, mid-run (eval_every)."""
+    from lmschool.evaluate import evaluate_generations
+    rows = loop.eval_rows
+    if not rows or loop.teacher is None:
+        return {}
+    with autocast(loop.device, loop.precision):
+        summary, _ = evaluate_generations(loop.policy, loop.tokenizer, rows, loop.teacher,
+                                          max_new_tokens=loop.cfg.eval_max_new_tokens,
+                                          batch_size=loop.cfg.eval_batch_size, seed=loop.cfg.seed)
+    return {"eval_teacher_score": summary.get("teacher_score")}
+
+
+def _median(path: Path, key: str, skip_first: bool = True) -> float | None:
+    values = [r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r]
+    values = values[1:] if skip_first and len(values) > 1 else values
+    return statistics.median(values) if values else None
+
+
+def finish(loop: PPO, args, cfg: PPOConfig, out: Path, eval_rows) -> dict:
+    """summary.json: the run's last iteration, and with --eval the DPO stage's evaluation."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = lines[-1] if lines else {}
+    summary = {
+        "stage": "ppo", "advantage": cfg.advantage, "init": str(resolve(args.init)),
+        "reward_source": loop.reward.name, "iterations": loop.step,
+        "rollouts": loop.step * cfg.rollout_size, "kl_coef": loop.kl_ctl.value, "kl_coef_initial": cfg.kl_coef,
+        "rollout_reward_final": last.get("reward"), "rollout_teacher_score_final": last.get("teacher_score"),
+        "rollout_kl_final": last.get("kl"), "precision": loop.precision,
+        "rollout_tokens_per_s": _median(out / "metrics.jsonl", "rollout_tokens_per_s"),
+        "update_tokens_per_s": _median(out / "metrics.jsonl", "update_tokens_per_s"),
+        "train_seconds": sum(r.get("rollout_seconds", 0) + r.get("score_seconds", 0) + r.get("update_seconds", 0)
+                             for r in lines),
+    }
+    if eval_rows is None:
+        return summary
+    from lmschool.evaluate import evaluate_policy
+    t0 = time.time()
+    sft_summary, sft_records = sft_run_files(args.init)
+    if sft_records is not None and (len(sft_records) != len(eval_rows) or any(
+            r.get("prompt") != row["prompt"] for r, row in zip(sft_records, eval_rows))):
+        print(f"ppo: {args.init}'s eval_answers.jsonl answers other prompts than --eval; the SFT "
+              "answers are generated again")
+        sft_records = None
+    judge = school_teacher(args.eval)
+    loop.policy.eval()
+    with autocast(loop.device, loop.precision):
+        results, records = evaluate_policy(
+            loop.policy, loop.reference, loop.tokenizer, eval_rows, judge, reference_records=sft_records,
+            max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
+            kl_samples=cfg.kl_samples, seed=cfg.seed)
+        answered = [r for r in records if r.get("response") is not None]
+        rm = loop.reward.of_texts([r["prompt"] for r in answered], [r["response"] for r in answered],
+                                  cfg.eval_batch_size)
+        sft_rm = None
+        if answered and all(r.get("reference_response") is not None for r in answered):
+            sft_rm = loop.reward.of_texts([r["prompt"] for r in answered],
+                                          [r["reference_response"] for r in answered], cfg.eval_batch_size)
+    for r, v in zip(answered, rm):
+        r["rm_reward"] = v
+    summary.update(results)
+    summary["rm_reward"] = float(np.mean(rm)) if rm else None
+    summary["sft_rm_reward"] = float(np.mean(sft_rm)) if sft_rm else None
+    if sft_summary:
+        for key in ("teacher_score", "teacher_score_by_category", "fact_correct", "refusal_correct",
+                    "correct", "correct_arithmetic", "end_of_turn_rate", "answer_tokens_mean"):
+            if key in sft_summary:   # evaluate_policy's own figures (judged here) take precedence
+                summary.setdefault(f"sft_{key}", sft_summary[key])
+    summary["eval_seconds"] = time.time() - t0
+    atomic_write_text(out / "eval_answers.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return summary
+
+
+def print_summary(s: dict, model_dir: Path) -> None:
+    def num(key, fmt=".3f"):
+        return "n/a" if s.get(key) is None else format(s[key], fmt)
+
+    print(f"ppo ({s['advantage']}): {s['iterations']} iterations, {s['rollouts']} rollouts in "
+          f"{s['seconds']:.0f}s; final rollout reward {num('rollout_reward_final')}, KL "
+          f"{num('rollout_kl_final')} -> {model_dir}")
+    if "teacher_score" in s:
+        print(f"ppo: teacher score {num('teacher_score')} (SFT {num('sft_teacher_score')}); win rate vs SFT "
+              f"{num('win_rate_vs_sft', '.0%')}; refusals {num('refusal_correct', '.0%')} (SFT "
+              f"{num('sft_refusal_correct', '.0%')}); facts {num('fact_correct', '.0%')} (SFT "
+              f"{num('sft_fact_correct', '.0%')}); KL from SFT {num('kl_from_sft')} nats; reward "
+              f"{num('rm_reward')} (SFT {num('sft_rm_reward')})")

@@ -1,0 +1,122 @@
+"""evaluate_policy: the win rate against the SFT model worked out by hand (ties half), the SFT
+model's figures judged afresh, read answers equal regenerated ones, and the KL estimate checked
+against the log-probs that generation itself returns."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from lmschool.errors import UserError
+from lmschool.evaluate import evaluate_generations, evaluate_policy, read_eval_rows, sampled_logratios, school_teacher
+from lmschool.generate import Generation, generate
+from lmschool.model import ModelConfig, build_model
+from lmschool.tokenizer import train_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer([], byte_level=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from lmschool.world.generate import write
+    out = tmp_path_factory.mktemp("world") / "w"
+    write(out, seed=0, preset_name="tiny")
+    return out
+
+
+def tiny_model(tok, seed=0):
+    return build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=512),
+                       seed=seed).eval()
+
+
+def fake_generation(tok, answers_by_model: dict):
+    """A stand-in for generate: model -> function(prompt ids) -> answer text (then <|im_end|>)."""
+    def fake_generate(model, prompts, max_new_tokens, **kw):
+        answer = answers_by_model[id(model)]
+        return Generation([tok.encode(answer(p)) + [tok.im_end_id] for p in prompts], [True] * len(prompts))
+    return fake_generate
+
+
+def test_win_rate_by_hand_with_ties_and_read_reference_answers(tok, monkeypatch):
+    """Scorer: the number of words. Policy answers "a b", "a", "a b c", "a"; the SFT answers (read
+    from its records) "a", "a", "a b", "a b". Per prompt: win (2 > 1), tie (1 = 1), win (3 > 2),
+    loss (1 < 2): win rate (1 + 0.5 + 1 + 0) / 4 = 0.625. SFT mean score (1 + 1 + 2 + 2) / 4 = 1.5.
+    The policy is its own reference here, so every sampled log-ratio is exactly 0."""
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}]} for i in range(4)]
+    policy_answers = ["a b", "a", "a b c", "a"]
+    by_prompt = {tuple(tok.render(r["prompt"], add_generation_prompt=True)[0]): a for r, a in zip(rows, policy_answers)}
+    model = tiny_model(tok)
+    monkeypatch.setattr("lmschool.generate.generate", fake_generation(tok, {id(model): lambda p: by_prompt[tuple(p)]}))
+    sft_records = [{"prompt": r["prompt"], "response": a} for r, a in zip(rows, ["a", "a", "a b", "a b"])]
+
+    def words(prompts, responses):
+        return [float(len(r.split())) for r in responses]
+
+    summary, records = evaluate_policy(model, model, tok, rows, words, reference_records=sft_records,
+                                       max_new_tokens=8, kl_samples=1)
+    assert summary["win_rate_vs_sft"] == 0.625 and (summary["wins"], summary["ties"], summary["losses"]) == (2, 1, 1)
+    assert summary["score"] == 1.75 and summary["sft_score"] == 1.5
+    assert [r["win"] for r in records] == [1.0, 0.5, 1.0, 0.0] and records[3]["reference_response"] == "a b"
+    assert summary["kl_from_sft"] == 0.0 and summary["kl_from_sft_per_token"] == 0.0
+
+
+def test_sft_figures_are_judged_afresh_and_read_answers_equal_generated_ones(tok, world, monkeypatch):
+    """The policy answers with the world's reference answers (the teacher's best), the SFT model
+    answers "No." to everything: every SFT answer is judged worse, refusals included ("No." is a
+    refusal without a reason: safety 0.5, so not correct)."""
+    rows = read_eval_rows(world / "eval.jsonl")
+    rendered = {tuple(tok.render(r["prompt"], add_generation_prompt=True)[0]): r["reference"] for r in rows}
+    policy, sft = tiny_model(tok, 0), tiny_model(tok, 1)
+    monkeypatch.setattr("lmschool.generate.generate", fake_generation(
+        tok, {id(policy): lambda p: rendered[tuple(p)], id(sft): lambda p: "No."}))
+    teacher = school_teacher(world / "eval.jsonl")
+    generated, records = evaluate_policy(policy, sft, tok, rows, teacher, max_new_tokens=8, kl_samples=0)
+    assert generated["win_rate_vs_sft"] == 1.0 and generated["wins"] == len(rows)
+    assert generated["refusal_correct"] == 1.0 and generated["sft_refusal_correct"] == 0.0
+    assert generated["sft_fact_correct"] == 0.0 and generated["sft_teacher_score"] < generated["teacher_score"]
+    assert "kl_from_sft" not in generated
+    # the SFT run's records (its eval_answers.jsonl, through JSON) give the same figures
+    _, sft_records = evaluate_generations(sft, tok, rows, teacher, max_new_tokens=8)
+    sft_records = [json.loads(json.dumps(r)) for r in sft_records]
+    read, _ = evaluate_policy(policy, sft, tok, rows, teacher, reference_records=sft_records, max_new_tokens=8,
+                              kl_samples=0)
+    assert read == generated
+    with pytest.raises(UserError, match="another prompt than eval row"):
+        evaluate_policy(policy, sft, tok, rows, teacher, reference_records=sft_records[::-1], kl_samples=0)
+    with pytest.raises(UserError, match="hold 1 records for"):
+        evaluate_policy(policy, sft, tok, rows, teacher, reference_records=sft_records[:1], kl_samples=0)
+
+
+def test_kl_estimate_equals_generation_log_probs_against_a_uniform_reference(tok):
+    """A reference whose LM head is zero gives every token probability 1/V, so for an answer of
+    n tokens log pi_ref(y|x) = -n log V and the log-ratio is log pi(y|x) + n log V. log pi(y|x)
+    comes independently from `generate` (KV-cache decoding, return_logprobs=True at T = 1) with
+    the same seed; the estimate recomputes it with one full forward."""
+    policy = tiny_model(tok, 3)
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        reference.lm_head.weight.zero_()
+    prompts = sorted([tok.render([{"role": "user", "content": q}], add_generation_prompt=True)[0]
+                      for q in ("hi", "what is two plus two?", "tell me a story")], key=len)
+    gen = generate(policy, prompts, max_new_tokens=12, temperature=1.0, stop_ids=tok.stop_ids,
+                   pad_id=tok.pad_id, seed=5, return_logprobs=True)
+    logratios, lengths = sampled_logratios(policy, reference, tok, prompts, max_new_tokens=12, batch_size=8,
+                                           samples=1, seed=5)
+    V = policy.config.vocab_size
+    assert lengths == [len(t) for t in gen.tokens]
+    for got, lps in zip(logratios, gen.logprobs):
+        assert got == pytest.approx(sum(lps) + len(lps) * math.log(V), abs=1e-3)
+    # two samples per prompt: prompt-major order, the first sample the same as above
+    two, lengths2 = sampled_logratios(policy, reference, tok, prompts, max_new_tokens=12, batch_size=8,
+                                      samples=2, seed=5)
+    assert len(two) == 6 and two[0::2] == pytest.approx(logratios, abs=1e-5) and lengths2[0::2] == lengths
