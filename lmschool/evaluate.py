@@ -310,7 +310,8 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, 
       win_rate_vs_sft        mean over prompts of 1 (policy's score higher), 0.5 (equal), 0 (lower)
       kl_from_sft            mean over answers sampled from the policy at temperature 1
                              (kl_samples per prompt) of log pi(y|x) - log pi_ref(y|x), nats/sequence
-      kl_from_sft_per_token  the same sum over all answers divided by their tokens
+      kl_from_sft_per_token  the same sum over all answers divided by their tokens (a Monte Carlo
+                             estimate: near 0 it can come out slightly negative)
       sft_teacher_score (sft_score for another scorer), sft_teacher_score_by_category,
       sft_correct, sft_fact_correct, sft_refusal_correct: the reference's figures, judged here
 
