@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lmschool.cli import main
 from lmschool.pipeline import NAMES
@@ -72,6 +73,22 @@ def test_rerun_redoes_nothing(tiny_run, capsys):
     for stage in NAMES:
         assert f"{stage}: done already" in err
     assert before == {s: (tiny_run / s / "summary.json").stat().st_mtime_ns for s in CHECKPOINTS}
+
+
+def test_sweep_adds_frontier_points_without_redoing_stages(tiny_run):
+    """--sweep on a finished run trains only the sweep points (DPO over beta, PPO over the KL
+    coefficient, each with its own value in its config), and the report places them."""
+    from lmschool.pipeline import SWEEP_DPO_BETAS, SWEEP_PPO_KL
+    before = (tiny_run / "dpo" / "summary.json").stat().st_mtime_ns
+    assert main(["run", "--out", str(tiny_run), "--preset", "tiny", "--sweep"]) == 0
+    assert (tiny_run / "dpo" / "summary.json").stat().st_mtime_ns == before
+    for beta in SWEEP_DPO_BETAS:
+        assert yaml.safe_load((tiny_run / "sweep" / f"dpo-beta{beta:g}" / "config.yaml").read_text())["beta"] == beta
+    for coef in SWEEP_PPO_KL:
+        assert yaml.safe_load((tiny_run / "sweep" / f"ppo-kl{coef:g}" / "config.yaml").read_text())["kl_coef"] == coef
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert len(report["sweep"]) == len(SWEEP_DPO_BETAS) + len(SWEEP_PPO_KL)
+    assert sum(1 for p in report["frontier"] if p.get("sweep")) == len(report["sweep"])
 
 
 def test_bad_override_names_the_stage_format(tmp_path, capsys):
