@@ -69,7 +69,7 @@ class Pair:
 
 # ---- reading ----------------------------------------------------------------------------------
 
-def _answer(value: object, where: str, field: str) -> str:
+def read_answer(value: object, where: str, field: str) -> str:
     """The answer text of a "chosen" / "rejected" field: a string or one assistant message."""
     if isinstance(value, list):
         if len(value) != 1:
@@ -105,7 +105,7 @@ def parse_pair(row: dict, where: str) -> Pair:
     if prompt[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt's last turn is {prompt[-1]['role']}; it must end with "
                         "the user turn that the two answers reply to")
-    chosen, rejected = _answer(row["chosen"], where, "chosen"), _answer(row["rejected"], where, "rejected")
+    chosen, rejected = read_answer(row["chosen"], where, "chosen"), read_answer(row["rejected"], where, "rejected")
     if chosen.strip() == rejected.strip():
         raise DataError(f"{where}: \"chosen\" and \"rejected\" are the same answer, so there is no "
                         "preference to learn; drop the line")
@@ -149,7 +149,7 @@ def encode_response(tokenizer, prompt: list[dict], response: str) -> tuple[list[
     return prompt_ids + response_ids + [tokenizer.im_end_id], len(prompt_ids)
 
 
-def _fit(ids: list[int], prompt_len: int, max_len: int, where: str) -> tuple[list[int], int]:
+def fit_to_length(ids: list[int], prompt_len: int, max_len: int, where: str) -> tuple[list[int], int]:
     """Cut the prompt from the left so the row fits in max_len; the response is never cut."""
     if len(ids) <= max_len:
         return ids, prompt_len
@@ -185,8 +185,8 @@ def collate_rows(rows: list[tuple[list[int], int]], pad_id: int, pad_multiple: i
 def encode_pair(tokenizer, pair: Pair, max_len: int) -> tuple[tuple[list[int], int], tuple[list[int], int]]:
     """The (ids, prompt_len) of the chosen and of the rejected row, each cut to max_len."""
     where = pair.meta.get("where", "a pair")
-    chosen = _fit(*encode_response(tokenizer, pair.prompt, pair.chosen), max_len, where)
-    rejected = _fit(*encode_response(tokenizer, pair.prompt, pair.rejected), max_len, where)
+    chosen = fit_to_length(*encode_response(tokenizer, pair.prompt, pair.chosen), max_len, where)
+    rejected = fit_to_length(*encode_response(tokenizer, pair.prompt, pair.rejected), max_len, where)
     return chosen, rejected
 
 
@@ -243,7 +243,7 @@ def response_batch(tokenizer, prompts: list[list[dict]], responses: list[str], m
     Right padding: input_ids, labels, last_index, response_len as in `collate_rows`. Left
     padding adds position_ids (B, T) counting real tokens only and attn_mask (B, 1, T, T), and
     every last_index is T - 1."""
-    rows = [_fit(*encode_response(tokenizer, p, r), max_len, f"answer {i}")
+    rows = [fit_to_length(*encode_response(tokenizer, p, r), max_len, f"answer {i}")
             for i, (p, r) in enumerate(zip(prompts, responses))]
     batch = collate_rows(rows, _pad_id(tokenizer))
     if padding_side == "right":

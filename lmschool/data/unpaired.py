@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmschool.data.preference import SPLITS, _answer, _fit, collate_rows, encode_response, parse_pair
+from lmschool.data.preference import (SPLITS, collate_rows, encode_response, fit_to_length, parse_pair,
+                                      read_answer)
 from lmschool.data.sft import check_conversation, read_jsonl
 from lmschool.errors import DataError
 
@@ -68,7 +69,7 @@ def parse_completion(row: dict, where: str) -> Completion:
     if prompt[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt's last turn is {prompt[-1]['role']}; it must end with "
                         "the user turn that the completion answers")
-    completion = _answer(row["completion"], where, "completion")
+    completion = read_answer(row["completion"], where, "completion")
     if not isinstance(row["label"], bool):
         raise DataError(f"{where}: \"label\" is {row['label']!r}; it must be true (desirable) or false "
                         "(undesirable)")
@@ -135,9 +136,9 @@ class UnpairedBatches:
         self.examples, self.batch_size, self.seed, self.pad_multiple = examples, batch_size, seed, pad_multiple
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.partner = kl_partners(len(examples), seed)
-        self.rows = [_fit(*encode_response(tokenizer, c.prompt, c.completion), max_len, c.meta["where"])
+        self.rows = [fit_to_length(*encode_response(tokenizer, c.prompt, c.completion), max_len, c.meta["where"])
                      for c in examples]
-        self.kl_rows = [_fit(*encode_response(tokenizer, c.prompt, examples[int(j)].completion), max_len,
+        self.kl_rows = [fit_to_length(*encode_response(tokenizer, c.prompt, examples[int(j)].completion), max_len,
                              c.meta["where"] + " (KL row)") for c, j in zip(examples, self.partner)]
 
     def __len__(self) -> int:
