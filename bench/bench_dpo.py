@@ -1,0 +1,202 @@
+"""DPO step throughput: lmschool (`lmschool dpo`) vs TRL's `DPOTrainer`, side by side in one run, on CPU.
+
+    .venv/bin/python bench/bench_dpo.py [--steps 20] [--warmup 3] [--batch 8] [--threads 2] [--rounds 2]
+        [--precisions fp32 bf16] [--json out.json]
+
+Same model on both sides: the SFT checkpoint runs/demo2/sft/model (LlamaForCausalLM, vocab 2286,
+hidden 256, 4 layers) with its tokenizer and ChatML template. Same data: the first
+(warmup + steps) x batch "train" pairs of runs/demo2/label/prefs.jsonl (TRL conversational format),
+so one run is one epoch over exactly those pairs on both sides and both reference passes cover the
+same pairs. Same loss (sigmoid DPO, beta 0.1), batch size, AdamW lr 1e-5, weight decay 0, grad clip 1,
+max length 256 (the checkpoint's context), reference log-probs precomputed before training
+(lmschool: reference=cached; TRL: precompute_ref_log_probs=True), both reference passes in batches
+of `--batch` pairs.
+
+Each (side, precision) runs in its own child process (this script with --child), the sides alternating,
+`--rounds` times; medians are reported. pairs/s = batch x steps / wall time of the measured steps, each
+timed from the previous step's end (data, forward, backward, optimizer), after `--warmup` steps.
+The reference pass is timed on its own (lmschool: around reference_logprobs; TRL: around
+_precompute_ref_logps, which runs in DPOTrainer.__init__). Results: bench/RESULTS_dpo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "runs/demo2/sft/model"
+PREFS = ROOT / "runs/demo2/label/prefs.jsonl"
+BETA, LR, MAX_LEN = 0.1, 1e-5, 256
+
+
+def write_pairs(path: Path, n: int) -> None:
+    out = []
+    for line in PREFS.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("split", "train") == "train":
+            out.append(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}))
+        if len(out) == n:
+            break
+    assert len(out) == n, f"only {len(out)} train pairs"
+    path.write_text("".join(o + "\n" for o in out))
+
+
+def lmschool_child(a, data: Path, tmp: Path) -> dict:
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import lmschool.stages.dpo as dpo
+    from lmschool import cli
+    from lmschool.trainer import Trainer
+
+    ends, ref = [], {}
+    orig_step, orig_ref = Trainer.train_step, dpo.reference_logprobs
+
+    def train_step(self, micro):
+        r = orig_step(self, micro)
+        ends.append(time.perf_counter())
+        return r
+
+    def reference_logprobs(*args, **kw):
+        t = time.perf_counter()
+        r = orig_ref(*args, **kw)
+        ref["s"] = time.perf_counter() - t
+        return r
+
+    Trainer.train_step, dpo.reference_logprobs = train_step, reference_logprobs
+    out = tmp / "run"
+    rc = cli.main(["dpo", "--init", str(MODEL), "--data", str(data), "--out", str(out),
+                   "loss=dpo", f"beta={BETA}", f"lr={LR}", f"max_steps={a.warmup + a.steps}",
+                   f"batch_size={a.batch}", f"eval_batch_size={a.batch}", f"threads={a.threads}",
+                   f"precision={a.precision}", f"max_len={MAX_LEN}", "log_every=1000000", "device=cpu"])
+    assert rc == 0, rc
+    summary = json.loads((out / "summary.json").read_text())
+    assert torch.get_num_threads() == a.threads, torch.get_num_threads()
+    seconds = ends[-1] - ends[a.warmup - 1]
+    return {"pairs_per_s": a.batch * a.steps / seconds, "ref_pass_s": ref["s"],
+            "summary_seconds_reference_pass": summary.get("seconds_reference_pass"),
+            "steps_timed": len(ends) - a.warmup, "train_loss": summary.get("train_loss")}
+
+
+def trl_child(a, data: Path, tmp: Path) -> dict:
+    import torch
+    import transformers
+    from datasets import load_dataset
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(a.threads)
+    # a fresh datasets cache each run: TRL caches precomputed reference log-probs on disk by fingerprint
+    dataset = load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp / "hf_cache"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="sdpa")
+    tok = transformers.AutoTokenizer.from_pretrained(MODEL)
+    args = DPOConfig(
+        output_dir=str(tmp / "trl"), per_device_train_batch_size=a.batch, max_length=MAX_LEN, beta=BETA,
+        learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0, adam_beta2=0.95,
+        max_grad_norm=1.0, max_steps=a.warmup + a.steps, bf16=a.precision == "bf16", use_cpu=True,
+        report_to=[], save_strategy="no", logging_steps=10 ** 6, precompute_ref_log_probs=True,
+        precompute_ref_batch_size=a.batch, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    ends, ref = [], {}
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_end(self, *x, **kw):
+            ends.append(time.perf_counter())
+
+    class TimedDPOTrainer(DPOTrainer):
+        def _precompute_ref_logps(self, *x, **kw):
+            t = time.perf_counter()
+            r = super()._precompute_ref_logps(*x, **kw)
+            ref["s"] = time.perf_counter() - t
+            return r
+
+    trainer = TimedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                              callbacks=[Timer()])
+    out = trainer.train()
+    assert torch.get_num_threads() == a.threads, torch.get_num_threads()
+    seconds = ends[-1] - ends[a.warmup - 1]
+    return {"pairs_per_s": a.batch * a.steps / seconds, "ref_pass_s": ref["s"],
+            "steps_timed": len(ends) - a.warmup, "train_loss": out.training_loss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--child", choices=["lmschool", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.child:
+        with tempfile.TemporaryDirectory() as tmp:
+            fn = lmschool_child if a.child == "lmschool" else trl_child
+            res = fn(a, a.data, Path(tmp))
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    import torch
+    import transformers
+    import trl
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "trl": trl.__version__}
+    print(json.dumps(versions), f"| {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "pairs.jsonl"
+        write_pairs(data, (a.warmup + a.steps) * a.batch)
+        for rnd in range(a.rounds):
+            for precision in a.precisions:
+                for side in ("lmschool", "trl") if rnd % 2 == 0 else ("trl", "lmschool"):
+                    cmd = [sys.executable, __file__, "--child", side, "--precision", precision,
+                           "--data", str(data), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                           "--batch", str(a.batch), "--threads", str(a.threads)]
+                    t = time.perf_counter()
+                    p = subprocess.run(cmd, capture_output=True, text=True)
+                    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if p.returncode or not lines:
+                        print(f"{side} {precision} FAILED rc={p.returncode}\n{p.stderr[-3000:]}", flush=True)
+                        continue
+                    res = json.loads(lines[-1][7:])
+                    res["wall_s"] = time.perf_counter() - t
+                    results.setdefault((side, precision), []).append(res)
+                    print(f"round {rnd} {side:8s} {precision}: {res['pairs_per_s']:.1f} pairs/s, "
+                          f"reference pass {res['ref_pass_s']:.2f}s, run {res['wall_s']:.0f}s "
+                          f"(loss {res['train_loss']:.4f})", flush=True)
+    print(f"\nmedians over {a.rounds} rounds; batch {a.batch} pairs, {a.steps} steps after {a.warmup} warm-up, "
+          f"{a.threads} threads")
+    print(f"{'side':9s} {'prec':5s} {'pairs/s':>8s} {'ref s':>7s} {'ratio':>6s}")
+    table = []
+    for precision in a.precisions:
+        med = {s: (statistics.median(r["pairs_per_s"] for r in results[(s, precision)]),
+                   statistics.median(r["ref_pass_s"] for r in results[(s, precision)]))
+               for s in ("lmschool", "trl") if (s, precision) in results}
+        for side, (pps, ref) in med.items():
+            ratio = pps / med["trl"][0] if "trl" in med else float("nan")
+            print(f"{side:9s} {precision:5s} {pps:8.1f} {ref:7.2f} {ratio:6.2f}x")
+            table.append({"side": side, "precision": precision, "pairs_per_s": pps, "ref_pass_s": ref,
+                          "ratio_vs_trl": ratio})
+    if a.json:
+        a.json.write_text(json.dumps({"versions": versions, "table": table,
+                                      "runs": {f"{s}/{p}": r for (s, p), r in results.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
