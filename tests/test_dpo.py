@@ -14,12 +14,12 @@ import torch
 
 from lmschool.checkpoint import model_extra, save_model
 from lmschool.cli import main
-from lmschool.data.preference import collate_rows, pair_batch, read_pairs
+from lmschool.data.preference import PairBatches, collate_rows, pair_batch, read_pairs
 from lmschool.data.unpaired import UnpairedBatches, kl_partners, read_unpaired
 from lmschool.evaluate import evaluate_generations, read_eval_rows, school_teacher
 from lmschool.losses.preference import LOSSES, sequence_logprobs
 from lmschool.model import ModelConfig, build_model
-from lmschool.stages.dpo import DPOConfig, IndexedPairBatches, make_loss_fn, reference_logprobs
+from lmschool.stages.dpo import DPOConfig, make_loss_fn, reference_logprobs
 from lmschool.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +75,7 @@ def test_concatenated_forward_equals_two_separate_forwards(tok, world):
     log-probs as the chosen rows alone and the rejected rows alone (each padded to its own length)."""
     pairs = read_pairs(world / "prefs.jsonl")[:6]
     model = build_model(tiny_config(tok), seed=1).eval()
-    data = IndexedPairBatches(pairs, tok, 6, 384, group_batches=False, pad_multiple=1)
+    data = PairBatches(pairs, tok, 6, 384, group_batches=False, pad_multiple=1)
     together = data.collate(list(range(6)))
     with torch.no_grad():
         both = sequence_logprobs(model(together["input_ids"]), together["labels"])              # (12,)
@@ -93,7 +93,7 @@ def test_cached_and_on_the_fly_reference_agree(tok, world):
     """The reference pass (batches sorted by length, other padding) caches what the reference
     computes inside the training step: the same loss and the same gradient."""
     pairs = read_pairs(world / "prefs.jsonl", split="train")
-    data = IndexedPairBatches(pairs, tok, 8, 384, seed=0)
+    data = PairBatches(pairs, tok, 8, 384, seed=0)
     policy, reference = build_model(tiny_config(tok), seed=2), build_model(tiny_config(tok), seed=3).eval()
     cache = reference_logprobs(reference, data, list(range(len(pairs))), 5, CPU, "fp32")
     assert not torch.isnan(cache).any() and cache.shape == (len(pairs), 2)
@@ -115,7 +115,7 @@ def test_dpo_gradient_at_the_reference_is_beta_over_two_of_the_likelihood_gap(to
     """At the first step the policy is the reference: every h = 0, so dL/dh = -beta/2 for every
     pair and grad L = (beta/2) grad[-mean(log pi(y_w|x) - log pi(y_l|x))], parameter by parameter."""
     pairs = read_pairs(world / "prefs.jsonl", split="train")[:8]
-    data = IndexedPairBatches(pairs, tok, 8, 384)
+    data = PairBatches(pairs, tok, 8, 384)
     policy = build_model(tiny_config(tok), seed=4)
     reference = build_model(tiny_config(tok), seed=4).eval()
     cache = reference_logprobs(reference, data, list(range(8)), 8, CPU, "fp32")

@@ -305,9 +305,17 @@ class PairBatches:
         for i, p in enumerate(pairs):
             groups.setdefault(p.group if group_batches else str(i), []).append(i)
         self.groups = list(groups.values())
-        self.group_len = [max(max(len(c[0]), len(r[0])) for c, r in (self.encoded[i] for i in g)) for g in self.groups]
+        self.group_len = [max(self.length(i) for i in g) for g in self.groups]
         self.bucket_batches = bucket_batches
         self._layouts: dict[int, list[list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def length(self, i: int) -> int:
+        """Tokens in the longer row of pair i."""
+        (chosen, _), (rejected, _) = self.encoded[i]
+        return max(len(chosen), len(rejected))
 
     def layout(self, epoch: int) -> list[list[int]]:
         """The epoch's micro-batches, as lists of pair indices."""
@@ -356,16 +364,22 @@ class PairBatches:
                             "(grad_accum x processes); lower batch_size or grad_accum")
         return n // micro_per_step
 
-    def micro_batches(self, step: int, n_micro: int, rank: int, world: int) -> list[dict]:
+    def indices(self, step: int, n_micro: int, rank: int, world: int) -> list[list[int]]:
+        """The pair indices of this process's micro-batches at optimizer step `step`."""
         M = n_micro * world
         epoch, j = divmod(step, self.steps_per_epoch(M))
         batches = self.layout(epoch)
-        mine = [batches[(j * M + rank * n_micro + m) % len(batches)] for m in range(n_micro)]
-        return [self.collate(b) for b in mine]
+        return [batches[(j * M + rank * n_micro + m) % len(batches)] for m in range(n_micro)]
+
+    def micro_batches(self, step: int, n_micro: int, rank: int, world: int) -> list[dict]:
+        return [self.collate(b) for b in self.indices(step, n_micro, rank, world)]
 
     def collate(self, indices: list[int]) -> dict:
+        """The micro-batch of pairs `indices`; "index" (B,) holds their positions in the data
+        (where per-pair values such as DPO's cached reference log-probs are looked up)."""
         collate = collate_unique if self.unique_rows else collate_pairs
         batch = collate([self.encoded[i] for i in indices], self.pad_id, self.pad_multiple)
+        batch["index"] = torch.as_tensor(indices, dtype=torch.long)
         if self.margins is not None:
             batch["margin"] = torch.tensor([self.margins[i] for i in indices], dtype=torch.float32)  # (B,)
         return batch

@@ -48,7 +48,7 @@ import torch
 from lmschool import distributed
 from lmschool.checkpoint import atomic_write_text, load_model, model_extra, read_config, resolve
 from lmschool.config import check
-from lmschool.data.preference import PairBatches, collate_pairs, read_pairs
+from lmschool.data.preference import PairBatches, read_pairs
 from lmschool.data.sft import read_jsonl
 from lmschool.data.unpaired import UnpairedBatches, check_labels, read_unpaired
 from lmschool.errors import UserError
@@ -207,39 +207,11 @@ def read_reference_answers(path: Path, rows: list[dict], explicit: bool) -> list
 
 # ---- data ---------------------------------------------------------------------------------------
 
-class IndexedPairBatches(PairBatches):
-    """PairBatches whose micro-batches also carry "index" (B,): the pairs' positions in the data,
-    where their cached reference log-probs are looked up."""
-
-    def __len__(self) -> int:
-        return len(self.encoded)
-
-    def length(self, i: int) -> int:
-        """Tokens in the longer row of pair i."""
-        (chosen, _), (rejected, _) = self.encoded[i]
-        return max(len(chosen), len(rejected))
-
-    def collate(self, indices: list[int]) -> dict:
-        batch = collate_pairs([self.encoded[i] for i in indices], self.pad_id, self.pad_multiple)
-        batch["index"] = torch.as_tensor(indices, dtype=torch.long)
-        return batch
-
-    def indices(self, step: int, n_micro: int, rank: int, world: int) -> list[list[int]]:
-        """The pair indices of this process's micro-batches at optimizer step `step`."""
-        M = n_micro * world
-        epoch, j = divmod(step, self.steps_per_epoch(M))
-        batches = self.layout(epoch)
-        return [batches[(j * M + rank * n_micro + m) % len(batches)] for m in range(n_micro)]
-
-    def micro_batches(self, step: int, n_micro: int, rank: int, world: int) -> list[dict]:
-        return [self.collate(b) for b in self.indices(step, n_micro, rank, world)]
-
-
 def make_batches(cfg: DPOConfig, examples: list, tokenizer, seed: int):
     if cfg.loss == "kto":
         return UnpairedBatches(examples, tokenizer, cfg.batch_size, cfg.max_len, seed=seed)
-    return IndexedPairBatches(examples, tokenizer, cfg.batch_size, cfg.max_len, seed=seed,
-                              group_batches=cfg.group_batches)
+    return PairBatches(examples, tokenizer, cfg.batch_size, cfg.max_len, seed=seed,
+                       group_batches=cfg.group_batches)
 
 
 def read_examples(cfg: DPOConfig, path: Path, split: str) -> list:
