@@ -273,6 +273,16 @@ def _margin(pair: Pair) -> float:
     return float(value)
 
 
+def step_indices(data, step: int, n_micro: int, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches (index lists) at optimizer step `step`, for a data source with
+    `layout(epoch)` (an epoch's micro-batches) and `steps_per_epoch(micro_per_step)`: the step's
+    n_micro x world micro-batches in order, rank r taking the r-th run of n_micro."""
+    M = n_micro * world
+    epoch, j = divmod(step, data.steps_per_epoch(M))
+    batches = data.layout(epoch)
+    return [batches[(j * M + rank * n_micro + m) % len(batches)] for m in range(n_micro)]
+
+
 class PairBatches:
     """Training micro-batches of pairs; `micro_batches(step, ...)` is deterministic in the step.
 
@@ -366,10 +376,7 @@ class PairBatches:
 
     def indices(self, step: int, n_micro: int, rank: int, world: int) -> list[list[int]]:
         """The pair indices of this process's micro-batches at optimizer step `step`."""
-        M = n_micro * world
-        epoch, j = divmod(step, self.steps_per_epoch(M))
-        batches = self.layout(epoch)
-        return [batches[(j * M + rank * n_micro + m) % len(batches)] for m in range(n_micro)]
+        return step_indices(self, step, n_micro, rank, world)
 
     def micro_batches(self, step: int, n_micro: int, rank: int, world: int) -> list[dict]:
         return [self.collate(b) for b in self.indices(step, n_micro, rank, world)]

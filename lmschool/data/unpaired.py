@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lmschool.data.preference import (SPLITS, collate_rows, encode_response, fit_to_length, parse_pair,
-                                      read_answer)
+                                      read_answer, step_indices)
 from lmschool.data.sft import check_conversation, read_jsonl
 from lmschool.errors import DataError
 
@@ -171,10 +171,7 @@ class UnpairedBatches:
 
     def indices(self, step: int, n_micro: int, rank: int, world: int) -> list[list[int]]:
         """The example indices of this process's micro-batches at optimizer step `step`."""
-        M = n_micro * world
-        epoch, j = divmod(step, self.steps_per_epoch(M))
-        batches = self.layout(epoch)
-        return [batches[(j * M + rank * n_micro + m) % len(batches)] for m in range(n_micro)]
+        return step_indices(self, step, n_micro, rank, world)
 
     def micro_batches(self, step: int, n_micro: int, rank: int, world: int) -> list[dict]:
         return [self.collate(b) for b in self.indices(step, n_micro, rank, world)]
