@@ -233,11 +233,14 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
 #
 # After learning from feedback the question is not only "how good are the answers" but "better than
 # the SFT model's?" and "how far did the policy move from it?". The win rate judges, prompt by
-# prompt, the policy's greedy answer against the reference's with the same scorer (ties count half,
-# as in AlpacaEval). The KL is the mean sequence log-ratio log pi(y|x) - log pi_ref(y|x) over answers
-# y sampled from the policy at temperature 1: an unbiased estimate of KL(pi || pi_ref) per prompt,
-# the quantity the RLHF objective bounds (Ouyang et al. 2022; Gao et al. 2023 plot reward against
-# its square root).
+# prompt, the policy's answer against the reference's with the same scorer (ties count half, as in
+# AlpacaEval). It is taken on answers sampled at temperature 1, the distribution that RLHF
+# optimises, as the DPO paper compares sampled answers (Rafailov et al. 2023, Fig. 2-3); the greedy
+# comparison is reported beside it. Where the SFT model's greedy answers mostly score full marks
+# already, greedy answers can only tie there: on the school world 77% of them do, which caps the
+# greedy win rate near 61%. The KL is the mean sequence log-ratio log pi(y|x) - log pi_ref(y|x)
+# over the policy's samples: an unbiased estimate of KL(pi || pi_ref) per prompt, the quantity the
+# RLHF objective bounds (Ouyang et al. 2022; Gao et al. 2023 plot reward against its square root).
 
 def _judge(scorer, prompts: list, responses: list[str]) -> tuple[list[float], list[dict | None]]:
     """(totals, parts) of each answer, by a Teacher (with rubric parts) or a scorer function."""
@@ -252,45 +255,69 @@ def _judge(scorer, prompts: list, responses: list[str]) -> tuple[list[float], li
 
 
 @torch.no_grad()
-def sampled_logratios(policy, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-                      batch_size: int, samples: int = 1, seed: int = 0) -> tuple[list[float], list[int]]:
-    """Sample `samples` answers per prompt (token ids) from `policy` at temperature 1 and return,
-    per answer (prompt-major order), log pi(y|x) - log pi_ref(y|x) in nats and its token count.
-
-    The log-probs are recomputed by one teacher-forced forward of each model in float32 (autocast
-    off): a difference of two sums over every token would otherwise carry bf16 rounding."""
-    from lmschool.data.preference import collate_rows
+def sample_answers(model, tokenizer, prompts: list[list[int]], *, samples: int, max_new_tokens: int,
+                   batch_size: int, seed: int = 0, temperature: float = 1.0) -> list[list[int]]:
+    """`samples` answers (token ids, up to and including a stop token) per prompt from `model` at
+    `temperature`, in prompt-major order: answer k of prompt i is at i * samples + k. Prompts are
+    batched by length; the seed of each batch depends only on `seed`, the sample index and the
+    batch's position, so two models asked with the same seed share their random numbers."""
     from lmschool.generate import generate
-    from lmschool.losses.preference import sequence_logprobs
 
-    device = next(policy.parameters()).device
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    context = policy.config.max_position_embeddings
+    context = model.config.max_position_embeddings
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    rows: dict[tuple[int, int], tuple[list[int], int]] = {}
+    answers: dict[tuple[int, int], list[int]] = {}
     for k in range(samples):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             room = context - max(len(prompts[i]) for i in chunk)
-            out = generate(policy, [prompts[i] for i in chunk], max_new_tokens=min(max_new_tokens, room),
-                           temperature=1.0, stop_ids=tokenizer.stop_ids, pad_id=pad_id,
+            out = generate(model, [prompts[i] for i in chunk], max_new_tokens=min(max_new_tokens, room),
+                           temperature=temperature, stop_ids=tokenizer.stop_ids, pad_id=pad_id,
                            seed=seed + 7919 * k + start)
-            for i, tokens in zip(chunk, out.tokens):
-                rows[(i, k)] = (list(prompts[i]) + tokens, len(prompts[i]))
-    keys = sorted(rows, key=lambda key: len(rows[key][0]))
-    logratio: dict[tuple[int, int], float] = {}
+            answers.update(((i, k), tokens) for i, tokens in zip(chunk, out.tokens))
+    return [answers[key] for key in sorted(answers)]
+
+
+@torch.no_grad()
+def sequence_logratios(policy, reference, pad_id: int, rows: list[tuple[list[int], int]], *,
+                       batch_size: int) -> list[float]:
+    """log pi(y|x) - log pi_ref(y|x) in nats of each (prompt + answer ids, prompt length) row.
+
+    One teacher-forced forward of each model in float32 (autocast off): a difference of two sums
+    over every token would otherwise carry bf16 rounding."""
+    from lmschool.data.preference import collate_rows
+    from lmschool.losses.preference import sequence_logprobs
+
+    device = next(policy.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    logratio: dict[int, float] = {}
     was = policy.training, reference.training
     policy.eval(), reference.eval()
     with torch.autocast(device.type, enabled=False):
-        for start in range(0, len(keys), batch_size):
-            chunk = keys[start:start + batch_size]
-            batch = collate_rows([rows[key] for key in chunk], pad_id)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = collate_rows([rows[i] for i in chunk], pad_id)
             x, y = batch["input_ids"].to(device), batch["labels"].to(device)            # (B, T)
             diff = sequence_logprobs(policy(x), y) - sequence_logprobs(reference(x), y)  # (B,)
             logratio.update(zip(chunk, diff.tolist()))
     policy.train(was[0]), reference.train(was[1])
-    ordered = sorted(rows)
-    return [logratio[key] for key in ordered], [len(rows[key][0]) - rows[key][1] for key in ordered]
+    return [logratio[i] for i in range(len(rows))]
+
+
+def sampled_logratios(policy, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                      batch_size: int, samples: int = 1, seed: int = 0) -> tuple[list[float], list[int]]:
+    """Sample `samples` answers per prompt from `policy` at temperature 1 and return, per answer
+    (prompt-major order), log pi(y|x) - log pi_ref(y|x) in nats and its token count."""
+    answers = sample_answers(policy, tokenizer, prompts, samples=samples, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, seed=seed)
+    rows = [(list(prompts[n // samples]) + a, len(prompts[n // samples])) for n, a in enumerate(answers)]
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return sequence_logratios(policy, reference, pad_id, rows, batch_size=batch_size), [len(a) for a in answers]
+
+
+def _wins(scores: list[float], reference: list[float]) -> list[float]:
+    """1 where a score beats the reference's, 0.5 where equal (within 1e-9), 0 where lower."""
+    return [1.0 if a - b > 1e-9 else 0.0 if a - b < -1e-9 else 0.5 for a, b in zip(scores, reference)]
 
 
 @torch.no_grad()
@@ -301,22 +328,32 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, 
     records).
 
     The policy's greedy answers are judged as `evaluate_generations` does (its summary keys are
-    all kept), and compared prompt by prompt with the reference's greedy answers, both judged by
-    `teacher` (a Teacher or a (prompts, responses) -> [float] scorer). `reference_records`: the
-    records `evaluate_generations` wrote for the reference on the same rows in the same order (the
-    SFT run's eval_answers.jsonl), so the reference is not asked again; their answers are judged
-    afresh. None: the reference answers here. Added to the summary:
+    all kept) and compared prompt by prompt with the reference's greedy answers. `reference_records`:
+    the records `evaluate_generations` wrote for the reference on the same rows in the same order
+    (the SFT run's eval_answers.jsonl), so the reference is not asked again; their answers are
+    judged afresh. None: the reference answers here. Then `kl_samples` answers per prompt are
+    sampled at temperature 1 from the policy and from the reference (with the same random numbers:
+    where the two models agree, so do their samples) and judged. `teacher`: a Teacher or a
+    (prompts, responses) -> [float] scorer. Added to the summary:
 
-      win_rate_vs_sft        mean over prompts of 1 (policy's score higher), 0.5 (equal), 0 (lower)
-      kl_from_sft            mean over answers sampled from the policy at temperature 1
-                             (kl_samples per prompt) of log pi(y|x) - log pi_ref(y|x), nats/sequence
+      win_rate_vs_sft        sampled answers, the policy's k-th against the reference's k-th on each
+                             prompt: mean of 1 (policy's score higher), 0.5 (equal), 0 (lower), as
+                             the DPO paper compares sampled answers; wins, ties, losses count them.
+                             Absent when kl_samples is 0
+      win_rate_vs_sft_greedy the same for the greedy answers (greedy_wins, greedy_ties,
+                             greedy_losses). Where most of the reference's greedy answers already
+                             score full marks, ties bound it: see the report's note
+      teacher_score_sampled, sft_teacher_score_sampled   mean score of the sampled answers
+      kl_from_sft            mean over the policy's sampled answers of log pi(y|x) - log pi_ref(y|x),
+                             nats/sequence: an unbiased estimate of KL(pi || pi_ref)
       kl_from_sft_per_token  the same sum over all answers divided by their tokens (a Monte Carlo
                              estimate: near 0 it can come out slightly negative)
       sft_teacher_score (sft_score for another scorer), sft_teacher_score_by_category,
-      sft_correct, sft_fact_correct, sft_refusal_correct: the reference's figures, judged here
+      sft_correct, sft_fact_correct, sft_refusal_correct: the reference's greedy figures, judged here
 
-    records: those of evaluate_generations, plus reference_response, reference_score, win and
-    kl (the prompt's mean sampled log-ratio)."""
+    ("teacher_score" reads "score" throughout for a scorer that is not a Teacher.) records: those
+    of evaluate_generations, plus reference_response, reference_score, win (greedy), and with
+    samples: kl (the prompt's mean log-ratio), sampled and reference_sampled ([answer, score] each)."""
     from lmschool.errors import UserError
 
     summary, records = evaluate_generations(policy, tokenizer, rows, teacher, max_new_tokens=max_new_tokens,
@@ -333,29 +370,24 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, 
             raise UserError(f"reference answer {i + 1} is to another prompt than eval row {row.get('where', i + 1)}; "
                             "the reference answers must come from the same eval file, in its order")
 
-    # the reference's answers, judged by the same scorer
-    judged = [i for i, ref in enumerate(reference_records) if isinstance(ref.get("response"), str)]
+    # the reference's greedy answers, judged by the same scorer
+    judged = [i for i, ref in enumerate(reference_records)
+              if isinstance(ref.get("response"), str) and records[i].get("response") is not None]
     ref_totals, ref_parts = _judge(teacher, [rows[i]["prompt"] for i in judged],
                                    [reference_records[i]["response"] for i in judged])
     ref_total, ref_part = dict(zip(judged, ref_totals)), dict(zip(judged, ref_parts))
-    wins = {}
-    for i, record in enumerate(records):
-        if record.get("response") is None or i not in ref_total:
-            continue
-        gap = record["score"] - ref_total[i]
-        wins[i] = 1.0 if gap > 1e-9 else 0.0 if gap < -1e-9 else 0.5
-        record.update(reference_response=reference_records[i]["response"], reference_score=ref_total[i],
-                      win=wins[i])
+    greedy = dict(zip(judged, _wins([records[i]["score"] for i in judged], ref_totals)))
+    for i in judged:
+        records[i].update(reference_response=reference_records[i]["response"], reference_score=ref_total[i],
+                          win=greedy[i])
 
     name = "teacher_score" if hasattr(teacher, "read_prompt") else "score"
     by_cat: dict[str, list[int]] = {}
     for i in judged:
         by_cat.setdefault(str(records[i]["category"]), []).append(i)
     summary.update({
-        "win_rate_vs_sft": _mean(wins.values()),
-        "wins": sum(1 for w in wins.values() if w == 1.0),
-        "ties": sum(1 for w in wins.values() if w == 0.5),
-        "losses": sum(1 for w in wins.values() if w == 0.0),
+        "win_rate_vs_sft_greedy": _mean(greedy.values()),
+        **_tally(greedy.values(), "greedy_"),
         f"sft_{name}": _mean(ref_total.values()),
         f"sft_{name}_by_category": {c: _mean(ref_total[i] for i in idx) for c, idx in sorted(by_cat.items())},
     })
@@ -366,16 +398,43 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, 
             "sft_fact_correct": _mean(right[i] for i in judged if str(records[i]["category"]).startswith("fact_")),
             "sft_refusal_correct": _mean(right[i] for i in judged if records[i]["category"] == "refuse"),
         })
+    if kl_samples <= 0:
+        return summary, records
 
-    # KL(pi || pi_ref) on the eval prompts, from sampled answers
-    if kl_samples > 0:
-        prompts = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
-        usable = [i for i, p in enumerate(prompts) if len(p) < policy.config.max_position_embeddings]
-        logratios, lengths = sampled_logratios(policy, reference, tokenizer, [prompts[i] for i in usable],
-                                               max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                               samples=kl_samples, seed=seed + 1)
-        summary.update(kl_from_sft=_mean(logratios), kl_from_sft_per_token=sum(logratios) / max(sum(lengths), 1),
-                       kl_samples=kl_samples)
-        for n, i in enumerate(usable):
-            records[i]["kl"] = _mean(logratios[n * kl_samples:(n + 1) * kl_samples])
+    # sampled answers of both models: the sampled win rate and KL(pi || pi_ref)
+    prompts = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
+    usable = [i for i in judged if len(prompts[i]) < policy.config.max_position_embeddings]
+    asked = [prompts[i] for i in usable]
+    n = kl_samples
+    mine = sample_answers(policy, tokenizer, asked, samples=n, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, seed=seed + 1)
+    theirs = sample_answers(reference, tokenizer, asked, samples=n, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, seed=seed + 1)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    logratios = sequence_logratios(policy, reference, pad_id,
+                                   [(list(asked[m // n]) + a, len(asked[m // n])) for m, a in enumerate(mine)],
+                                   batch_size=batch_size)
+    questions = [rows[usable[m // n]]["prompt"] for m in range(len(mine))]
+    texts = ([tokenizer.decode(a, skip_special=True).strip() for a in mine],
+             [tokenizer.decode(a, skip_special=True).strip() for a in theirs])
+    scores = _judge(teacher, questions, texts[0])[0], _judge(teacher, questions, texts[1])[0]
+    sampled = _wins(*scores)
+    lengths = [len(a) for a in mine]
+    summary.update({
+        "win_rate_vs_sft": _mean(sampled), **_tally(sampled),
+        f"{name}_sampled": _mean(scores[0]), f"sft_{name}_sampled": _mean(scores[1]),
+        "kl_from_sft": _mean(logratios), "kl_from_sft_per_token": sum(logratios) / max(sum(lengths), 1),
+        "kl_samples": n, "sampling_temperature": 1.0,
+    })
+    for m, i in enumerate(usable):
+        part = slice(m * n, (m + 1) * n)
+        records[i].update(kl=_mean(logratios[part]),
+                          sampled=[[t, s] for t, s in zip(texts[0][part], scores[0][part])],
+                          reference_sampled=[[t, s] for t, s in zip(texts[1][part], scores[1][part])])
     return summary, records
+
+
+def _tally(wins, prefix: str = "") -> dict[str, int]:
+    """Counts of wins (1), ties (0.5) and losses (0)."""
+    wins = list(wins)
+    return {f"{prefix}wins": wins.count(1.0), f"{prefix}ties": wins.count(0.5), f"{prefix}losses": wins.count(0.0)}

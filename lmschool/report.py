@@ -69,7 +69,9 @@ MEASURES = {
     "accuracy_rater": ("pairwise accuracy vs the noisy rater's labels", "rate"),
     "teacher_rank_correlation": ("rank correlation of reward with teacher score", "score"),
     "reward_bias": ("reward bias (SFT answers -> mean 0)", "num"),
-    "win_rate_vs_sft": ("win rate vs SFT (teacher-judged, ties half)", "rate"),
+    "win_rate_vs_sft": ("win rate vs SFT, sampled answers (teacher-judged, ties half)", "rate"),
+    "win_rate_vs_sft_greedy": ("win rate vs SFT, greedy answers", "rate"),
+    "teacher_score_sampled": ("teacher score of sampled answers (T = 1)", "score"),
     "kl_from_sft": ("KL from SFT (nats/answer)", "nats"),
     "rm_reward": ("reward-model reward", "num"),
     "agreement": ("rater agreement with the noise-free teacher", "rate"),
@@ -91,8 +93,9 @@ TABLE_ROWS = {
             "correct_arithmetic", "refusal_correct", "end_of_turn_rate", "val_loss", "steps", "epochs", "seconds"],
     "reward": ["accuracy_noise_free", "accuracy_rater", "teacher_rank_correlation", "reward_bias", "steps",
                "seconds"],
-    "policy": ["teacher_score", "win_rate_vs_sft", "refusal_correct", "fact_correct", "correct_heldout_pupils",
-               "correct_arithmetic", "end_of_turn_rate", "kl_from_sft", "rm_reward", "seconds"],
+    "policy": ["teacher_score", "win_rate_vs_sft", "win_rate_vs_sft_greedy", "teacher_score_sampled",
+               "refusal_correct", "fact_correct", "correct_heldout_pupils", "correct_arithmetic", "end_of_turn_rate",
+               "kl_from_sft", "rm_reward", "seconds"],
 }
 TITLES = {"world": "school world", "pretrain": "pre-training", "sft": "SFT", "label": "labelling",
           "reward": "reward model", "dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "ppo": "PPO",
@@ -440,20 +443,28 @@ def plot_rl(run_dir: Path, path: Path) -> bool:
 
 
 def frontier_points(report: dict) -> list[dict]:
-    """Teacher score against KL from SFT: SFT at KL 0, each policy stage, each sweep run."""
+    """Teacher score against KL from SFT: SFT at KL 0, each policy stage, each sweep run.
+
+    The score is that of the answers sampled at temperature 1 (the ones the KL is measured on, as
+    in the DPO paper's frontier) where every point has it, else that of the greedy answers."""
+    runs = [(stage, False, report["stages"].get(stage, {})) for stage in POLICY_STAGES]
+    runs += [(name, True, s) for name, s in report.get("sweep", {}).items()]
+    runs = [(name, sweep, s) for name, sweep, s in runs
+            if s.get("teacher_score") is not None and s.get("kl_from_sft") is not None]
+    sampled = bool(runs) and all(s.get("teacher_score_sampled") is not None for _, _, s in runs)
+    key = "teacher_score_sampled" if sampled else "teacher_score"
     points = []
     sft = report["stages"].get("sft", {})
-    if sft.get("teacher_score") is not None:
-        points.append({"method": "sft", "label": "SFT", "kl_from_sft": 0.0, "teacher_score": sft["teacher_score"]})
-    for stage in POLICY_STAGES:
-        s = report["stages"].get(stage, {})
-        if s.get("teacher_score") is not None and s.get("kl_from_sft") is not None:
-            points.append({"method": stage, "label": TITLES[stage], "kl_from_sft": s["kl_from_sft"],
-                           "teacher_score": s["teacher_score"]})
-    for name, s in report.get("sweep", {}).items():
-        if s.get("teacher_score") is not None and s.get("kl_from_sft") is not None:
-            points.append({"method": s["method"], "label": name, "sweep": True, "param": s["param"],
-                           "value": s["value"], "kl_from_sft": s["kl_from_sft"], "teacher_score": s["teacher_score"]})
+    sft_score = runs[0][2].get("sft_teacher_score_sampled") if sampled else sft.get("teacher_score")
+    if sft_score is not None:
+        points.append({"method": "sft", "label": "SFT", "kl_from_sft": 0.0, "teacher_score": sft_score,
+                       "score": key})
+    for name, sweep, s in runs:
+        point = {"method": s["method"] if sweep else name, "label": name if sweep else TITLES[name],
+                 "kl_from_sft": s["kl_from_sft"], "teacher_score": s[key], "score": key}
+        if sweep:
+            point.update(sweep=True, param=s["param"], value=s["value"])
+        points.append(point)
     return points
 
 
@@ -480,7 +491,8 @@ def plot_frontier(points: list[dict], path: Path) -> bool:
             ax.plot(p["kl_from_sft"], p["teacher_score"], "s", ms=7, color=colours.get(p["method"], "gray"),
                     markeredgecolor="black", label=p["label"])
     ax.set_xlabel("KL from SFT (nats per answer)")
-    ax.set_ylabel("teacher score (gold judge)")
+    sampled = any(p.get("score") == "teacher_score_sampled" for p in points)
+    ax.set_ylabel("teacher score (gold judge)" + (", answers sampled at T = 1" if sampled else ""))
     ax.set_title("Reward vs KL frontier")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

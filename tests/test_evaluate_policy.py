@@ -50,8 +50,9 @@ def fake_generation(tok, answers_by_model: dict):
 def test_win_rate_by_hand_with_ties_and_read_reference_answers(tok, monkeypatch):
     """Scorer: the number of words. Policy answers "a b", "a", "a b c", "a"; the SFT answers (read
     from its records) "a", "a", "a b", "a b". Per prompt: win (2 > 1), tie (1 = 1), win (3 > 2),
-    loss (1 < 2): win rate (1 + 0.5 + 1 + 0) / 4 = 0.625. SFT mean score (1 + 1 + 2 + 2) / 4 = 1.5.
-    The policy is its own reference here, so every sampled log-ratio is exactly 0."""
+    loss (1 < 2): greedy win rate (1 + 0.5 + 1 + 0) / 4 = 0.625. SFT mean score (1 + 1 + 2 + 2) / 4
+    = 1.5. The policy is its own reference for sampling here, so the sampled answers are the same
+    on both sides (four ties: win rate 0.5) and every sampled log-ratio is exactly 0."""
     rows = [{"prompt": [{"role": "user", "content": f"q{i}"}]} for i in range(4)]
     policy_answers = ["a b", "a", "a b c", "a"]
     by_prompt = {tuple(tok.render(r["prompt"], add_generation_prompt=True)[0]): a for r, a in zip(rows, policy_answers)}
@@ -64,8 +65,11 @@ def test_win_rate_by_hand_with_ties_and_read_reference_answers(tok, monkeypatch)
 
     summary, records = evaluate_policy(model, model, tok, rows, words, reference_records=sft_records,
                                        max_new_tokens=8, kl_samples=1)
-    assert summary["win_rate_vs_sft"] == 0.625 and (summary["wins"], summary["ties"], summary["losses"]) == (2, 1, 1)
+    assert summary["win_rate_vs_sft_greedy"] == 0.625
+    assert (summary["greedy_wins"], summary["greedy_ties"], summary["greedy_losses"]) == (2, 1, 1)
+    assert summary["win_rate_vs_sft"] == 0.5 and (summary["wins"], summary["ties"], summary["losses"]) == (0, 4, 0)
     assert summary["score"] == 1.75 and summary["sft_score"] == 1.5
+    assert summary["score_sampled"] == summary["sft_score_sampled"] == 1.75
     assert [r["win"] for r in records] == [1.0, 0.5, 1.0, 0.0] and records[3]["reference_response"] == "a b"
     assert summary["kl_from_sft"] == 0.0 and summary["kl_from_sft_per_token"] == 0.0
 
@@ -81,7 +85,8 @@ def test_sft_figures_are_judged_afresh_and_read_answers_equal_generated_ones(tok
         tok, {id(policy): lambda p: rendered[tuple(p)], id(sft): lambda p: "No."}))
     teacher = school_teacher(world / "eval.jsonl")
     generated, records = evaluate_policy(policy, sft, tok, rows, teacher, max_new_tokens=8, kl_samples=0)
-    assert generated["win_rate_vs_sft"] == 1.0 and generated["wins"] == len(rows)
+    assert generated["win_rate_vs_sft_greedy"] == 1.0 and generated["greedy_wins"] == len(rows)
+    assert "win_rate_vs_sft" not in generated
     assert generated["refusal_correct"] == 1.0 and generated["sft_refusal_correct"] == 0.0
     assert generated["sft_fact_correct"] == 0.0 and generated["sft_teacher_score"] < generated["teacher_score"]
     assert "kl_from_sft" not in generated
@@ -91,6 +96,13 @@ def test_sft_figures_are_judged_afresh_and_read_answers_equal_generated_ones(tok
     read, _ = evaluate_policy(policy, sft, tok, rows, teacher, reference_records=sft_records, max_new_tokens=8,
                               kl_samples=0)
     assert read == generated
+    # sampled answers (the stand-in answers the same as greedily): every one wins too
+    sampled, records = evaluate_policy(policy, sft, tok, rows, teacher, reference_records=sft_records,
+                                       max_new_tokens=8, kl_samples=2)
+    assert sampled["win_rate_vs_sft"] == 1.0 and sampled["wins"] == 2 * len(rows)
+    assert sampled["teacher_score_sampled"] == pytest.approx(generated["teacher_score"])
+    assert sampled["sft_teacher_score_sampled"] == pytest.approx(generated["sft_teacher_score"])
+    assert records[0]["sampled"][0][0] == rows[0]["reference"] and records[0]["reference_sampled"][1][0] == "No."
     with pytest.raises(UserError, match="another prompt than eval row"):
         evaluate_policy(policy, sft, tok, rows, teacher, reference_records=sft_records[::-1], kl_samples=0)
     with pytest.raises(UserError, match="hold 1 records for"):
@@ -120,3 +132,16 @@ def test_kl_estimate_equals_generation_log_probs_against_a_uniform_reference(tok
     two, lengths2 = sampled_logratios(policy, reference, tok, prompts, max_new_tokens=12, batch_size=8,
                                       samples=2, seed=5)
     assert len(two) == 6 and two[0::2] == pytest.approx(logratios, abs=1e-5) and lengths2[0::2] == lengths
+
+
+def test_a_policy_equal_to_its_reference_samples_the_same_answers(tok):
+    """Policy and reference are sampled with the same random numbers: a copy of the reference gives
+    the same answers token for token, so every sampled comparison is a tie (scored by the sum of code points: win rate exactly 0.5,
+    not 0.5 plus noise) and every log-ratio is 0. A different policy does not tie everywhere."""
+    rows = [{"prompt": [{"role": "user", "content": q}]} for q in ("hi", "what is two plus two?", "a story")]
+    reference = tiny_model(tok, 2)
+    chars = lambda prompts, responses: [float(sum(map(ord, r))) for r in responses]  # noqa: E731
+    same, _ = evaluate_policy(copy.deepcopy(reference), reference, tok, rows, chars, max_new_tokens=10, kl_samples=3)
+    assert same["win_rate_vs_sft"] == 0.5 and same["ties"] == 9 and same["kl_from_sft"] == pytest.approx(0.0, abs=1e-6)
+    other, _ = evaluate_policy(tiny_model(tok, 7), reference, tok, rows, chars, max_new_tokens=10, kl_samples=3)
+    assert other["ties"] < 9 and other["kl_from_sft"] != pytest.approx(0.0, abs=1e-6)

@@ -112,8 +112,9 @@ class DPOConfig(TrainConfig):
     """Longest answer generated for each --eval prompt (greedy) and for the KL samples."""
     eval_batch_size: int = 32
     """Prompts answered at once for --eval; pairs per batch of the reference pass and held-out pairs."""
-    kl_samples: int = 1
-    """Answers sampled per eval prompt (temperature 1) to estimate the KL from the SFT model (0 = skip)."""
+    kl_samples: int = 2
+    """Answers sampled per eval prompt (temperature 1) from the policy and from the SFT model, for the
+    sampled win rate and the KL from the SFT model (0 = neither)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -447,10 +448,10 @@ def print_summary(s: dict, model_dir: Path) -> None:
     if s.get("val_accuracy") is not None:
         line += f", held-out pair accuracy {s['val_accuracy']:.0%}"
     print(line + f" -> {model_dir}")
-    if "win_rate_vs_sft" in s:
+    if "win_rate_vs_sft_greedy" in s:
         score = "teacher_score" if "teacher_score" in s else "score"
         print(f"dpo: {score} {s[score]:.3f} (SFT {s.get('sft_' + score, float('nan')):.3f}); win rate vs SFT "
-              f"{pct('win_rate_vs_sft')}; refusals {pct('refusal_correct')} (SFT {pct('sft_refusal_correct')}); "
+              f"{pct('win_rate_vs_sft')} sampled, {pct('win_rate_vs_sft_greedy')} greedy; refusals {pct('refusal_correct')} (SFT {pct('sft_refusal_correct')}); "
               f"facts {pct('fact_correct')} (SFT {pct('sft_fact_correct')}); KL from SFT "
               f"{s.get('kl_from_sft', float('nan')):.2f} nats")
 

@@ -165,8 +165,9 @@ class PPOConfig(TrainConfig):
     """Longest greedy answer to each --eval prompt (keep SFT's for a fair win rate)."""
     eval_batch_size: int = 32
     """Prompts answered at once in the evaluation."""
-    kl_samples: int = 1
-    """Samples per eval prompt for kl_from_sft."""
+    kl_samples: int = 2
+    """Answers sampled per eval prompt (temperature 1) from the policy and from the SFT model, for the
+    sampled win rate (win_rate_vs_sft) and kl_from_sft."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -886,7 +887,7 @@ def print_summary(s: dict, model_dir: Path) -> None:
           f"{num('rollout_kl_final')} -> {model_dir}")
     if "teacher_score" in s:
         print(f"ppo: teacher score {num('teacher_score')} (SFT {num('sft_teacher_score')}); win rate vs SFT "
-              f"{num('win_rate_vs_sft', '.0%')}; refusals {num('refusal_correct', '.0%')} (SFT "
+              f"{num('win_rate_vs_sft', '.0%')} sampled, {num('win_rate_vs_sft_greedy', '.0%')} greedy; refusals {num('refusal_correct', '.0%')} (SFT "
               f"{num('sft_refusal_correct', '.0%')}); facts {num('fact_correct', '.0%')} (SFT "
               f"{num('sft_fact_correct', '.0%')}); KL from SFT {num('kl_from_sft')} nats; reward "
               f"{num('rm_reward')} (SFT {num('sft_rm_reward')})")
