@@ -306,11 +306,17 @@ class Transformer(nn.Module):
     def hidden(self, input_ids, position_ids=None, attn_mask=None, cache=None):
         return self.model(input_ids, position_ids, attn_mask, cache)
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, at=None):
+        """Logits (B, T, V) with the LM head, rewards (B, T) with the score head. `at`: a bool
+        (B, T) mask; then only the selected positions go through the head, in row-major order:
+        (N, V) or (N,) for N selected (SFT takes its loss on about 40% of positions, and the head
+        and its softmax are a quarter of this model's work)."""
         h = self.model(input_ids, position_ids, attn_mask, cache)                    # (B, T, C)
+        if at is not None:
+            h = h[at]                                                                # (N, C)
         if self.head == "lm":
-            return self.lm_head(h)                                                   # (B, T, V)
-        return self.score(h).squeeze(-1)                                             # (B, T)
+            return self.lm_head(h)                                                   # (B, T, V) | (N, V)
+        return self.score(h).squeeze(-1)                                             # (B, T) | (N,)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.model.embed_tokens.weight

@@ -19,7 +19,7 @@ from lmschool.data.sft import (SFTBatches, best_fit_decreasing, load_examples, m
 from lmschool.errors import DataError
 from lmschool.evaluate import evaluate_generations, read_eval_rows, school_teacher
 from lmschool.generate import Generation, generate
-from lmschool.losses.lm import IGNORE, lm_loss, token_nll
+from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
 from lmschool.model import ModelConfig, build_model
 from lmschool.tokenizer import IM_END, Tokenizer, train_tokenizer
 from lmschool.trainer import TrainConfig, fit
@@ -136,6 +136,28 @@ def test_padded_packed_and_one_at_a_time_give_the_same_loss(tok):
         with torch.no_grad():
             loss, _ = lm_loss(model, batch)
         assert abs(loss.item() - float((alone * weights).sum() / weights.sum())) < 1e-5
+
+
+def test_the_head_at_targets_only_gives_the_same_loss_and_gradients(tok):
+    """target_lm_loss (the LM head on the ~40% of positions that are targets) against lm_loss (the
+    head everywhere, non-targets masked afterwards), on a padded and on a packed batch: the same
+    loss and the same gradient of every parameter, the tied embedding included."""
+    examples = examples_of(tok)
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=192),
+                        seed=2)
+    rows = best_fit_decreasing([len(e) for e in examples], 192)
+    for batch in (pad_batch(examples, 1, pad_multiple=8), pack_batch(examples, rows, 1, pad_multiple=8)):
+        assert 0 < (batch["labels"] != IGNORE).float().mean() < 0.9
+        grads = []
+        for loss_fn in (lm_loss, target_lm_loss):
+            model.zero_grad()
+            loss, _ = loss_fn(model, batch)
+            loss.backward()
+            grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        (full, g_full), (sparse, g_sparse) = grads
+        assert abs(full - sparse) < 1e-5
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_sparse))
 
 
 def test_packed_batches_hold_each_conversation_once_per_epoch(tok, tmp_path):

@@ -30,3 +30,15 @@ def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     n = (labels != IGNORE).sum().clamp(min=1)
     loss = token_nll(logits, labels).sum() / n
     return loss, {}
+
+
+def target_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """`lm_loss` with the LM head run at the target positions only: the same number where most
+    positions are not targets (SFT's prompts and padding), in less time. Not for torch.compile
+    (the number of targets changes the shapes) nor for pre-training (every position is one)."""
+    labels = batch["labels"]
+    at = labels != IGNORE                                                   # (B, T)
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                   attn_mask=batch.get("attn_mask"), at=at)                 # (N, V)
+    nll = F.cross_entropy(logits.float(), labels[at], reduction="sum")
+    return nll / at.sum().clamp(min=1), {}

@@ -44,7 +44,7 @@ from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint,
 from lmschool.data.text import check_data
 from lmschool.errors import UserError
 from lmschool.evaluate import evaluate_generations, load_scorer, read_eval_rows, school_teacher
-from lmschool.losses.lm import IGNORE, lm_loss, token_nll
+from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
 from lmschool.tokenizer import IM_END, IM_START, Tokenizer
@@ -186,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     def evaluate(m) -> dict:
         return held_out_loss(m, val, cfg.eval_batch_size, pad_id)
 
-    trainer, final = fit(model, data, lm_loss, cfg, out, evaluate=evaluate if val else None,
+    loss_fn = lm_loss if cfg.compile else target_lm_loss  # fixed shapes for compile; else the head at targets only
+    trainer, final = fit(model, data, loss_fn, cfg, out, evaluate=evaluate if val else None,
                          tokenizer=tokenizer, extra={"stage": "sft"}, dist=dist, resume=resuming, desc="sft")
 
     if dist.is_main:
