@@ -123,7 +123,7 @@ NAMES = [s.name for s in STAGES]
 
 # The frontier sweep (--sweep): DPO over beta, PPO over the KL coefficient; each point a run.
 SWEEP_DPO_BETAS = (0.03, 0.3, 1.0)
-SWEEP_PPO_KL = (0.001, 0.01, 0.3)
+SWEEP_PPO_KL = (0.001, 0.05, 0.5)
 
 
 def sweep_stages() -> list[Stage]:
