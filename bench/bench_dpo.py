@@ -108,7 +108,8 @@ def trl_child(a, data: Path, tmp: Path) -> dict:
         learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0, adam_beta2=0.95,
         max_grad_norm=1.0, max_steps=a.warmup + a.steps, bf16=a.precision == "bf16", use_cpu=True,
         report_to=[], save_strategy="no", logging_steps=10 ** 6, precompute_ref_log_probs=True,
-        precompute_ref_batch_size=a.batch, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+        precompute_ref_batch_size=a.batch, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        gradient_checkpointing=False)  # TRL 1.x turns it on by default: off, as lmschool does not recompute
     ends, ref = [], {}
 
     class Timer(transformers.TrainerCallback):
