@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from lmschool.errors import UserError
 from lmschool.hf import from_hf_config, to_hf_config
-from lmschool.model import ModelConfig, Transformer, init_weights
+from lmschool.model import Transformer, init_weights
 
 STATE_FILE = "trainer_state.pt"
 
@@ -201,3 +201,32 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: Transformer,
 
 def load_training_state(ckpt_dir: str | Path) -> dict:
     return torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+# ---- checkpoint kinds: a policy or a reward model --------------------------------------------------
+
+KINDS = {"policy": "a policy (a language model with the LM head: pre-training, SFT, DPO or PPO)",
+         "reward": "a reward model (a scalar head: `lmschool reward`)"}
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """'reward' for a reward model (config.json "lmschool" kind "reward", or a sequence classifier
+    of another origin), else 'policy'."""
+    config = read_config(path)
+    kind = (config.get("lmschool") or {}).get("kind")
+    if kind in KINDS:
+        return kind
+    archs = config.get("architectures") or []
+    return "reward" if any("SequenceClassification" in a for a in archs) else "policy"
+
+
+def check_kind(path: str | Path, expected: str, what: str = "this command") -> None:
+    """Raise a UserError unless the checkpoint at `path` is of kind `expected` ('policy' or
+    'reward'); `what` names the argument in the message (e.g. "--init")."""
+    if expected not in KINDS:
+        raise ValueError(f"expected must be one of {sorted(KINDS)}, not {expected!r}")
+    kind = checkpoint_kind(path)
+    if kind != expected:
+        hint = ("pass the SFT (or later) policy run instead" if expected == "policy"
+                else "train one with `lmschool reward --init SFT_RUN --data prefs.jsonl --out DIR`")
+        raise UserError(f"{resolve(path)} is {KINDS[kind]}, but {what} needs {KINDS[expected]}; {hint}")

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from lmschool.checkpoint import atomic_write_text, load_model, resolve
     from lmschool.errors import UserError
     from lmschool.evaluate import evaluate_generations, load_scorer, read_eval_rows, school_teacher
-    from lmschool.stages.sft import check_chat_tokenizer
+    from lmschool.tokenizer import check_chat_tokenizer
     from lmschool.tokenizer import Tokenizer
     from lmschool.trainer import autocast, resolve_precision
 

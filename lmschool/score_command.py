@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from lmschool.checkpoint import load_model, resolve
     from lmschool.data.sft import check_conversation
     from lmschool.errors import UserError
-    from lmschool.stages.reward import check_kind, reward_bias, score_responses
+    from lmschool.checkpoint import check_kind
+    from lmschool.stages.reward import reward_bias, score_responses
     from lmschool.tokenizer import Tokenizer
 
     path = resolve(args.checkpoint)

@@ -325,3 +325,12 @@ class Tokenizer:
             inside = span_index < len(spans) and spans[span_index][0] < token_end and token_start < token_end
             loss_mask.append(int(inside))
         return encoding.ids, loss_mask
+
+
+def check_chat_tokenizer(tokenizer: Tokenizer, path) -> None:
+    """Raise a UserError naming `path` unless its tokenizer has the ChatML tokens."""
+    if not tokenizer.has_chat_tokens:
+        raise UserError(f"{path}: its tokenizer lacks the chat tokens {IM_START} and {IM_END}, so "
+                        "conversations cannot be rendered; fine-tune a checkpoint whose tokenizer has "
+                        "them (one from `lmschool pretrain` or `lmschool tokenizer train`, or a Qwen2 "
+                        "directory)")

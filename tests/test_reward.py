@@ -19,7 +19,8 @@ from lmschool.data.preference import (Pair, collate_pairs, collate_unique, encod
 from lmschool.errors import UserError
 from lmschool.losses.reward import bradley_terry_loss, reward_loss, rewards_at, sequence_rewards
 from lmschool.model import ModelConfig, build_model
-from lmschool.stages.reward import check_kind, evaluate_pairs, score_responses, spearman
+from lmschool.checkpoint import check_kind
+from lmschool.stages.reward import evaluate_pairs, score_responses, spearman
 from lmschool.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

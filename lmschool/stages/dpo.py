@@ -57,8 +57,7 @@ from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, k
                                         paired_loss, sequence_logprobs)
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
-from lmschool.stages.sft import check_chat_tokenizer
-from lmschool.tokenizer import Tokenizer
+from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
 from lmschool.trainer import TrainConfig, autocast, fit, resolve_precision
 
 HELP = "stage 3: learn from preference pairs directly (DPO, IPO, cDPO, robust DPO, SimPO, ORPO, KTO)"
@@ -112,7 +111,7 @@ class DPOConfig(TrainConfig):
     """Longest answer generated for each --eval prompt (greedy) and for the KL samples."""
     eval_batch_size: int = 32
     """Prompts answered at once for --eval; pairs per batch of the reference pass and held-out pairs."""
-    kl_samples: int = 2
+    kl_samples: int = 1
     """Answers sampled per eval prompt (temperature 1) from the policy and from the SFT model, for the
     sampled win rate and the KL from the SFT model (0 = neither)."""
 

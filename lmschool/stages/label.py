@@ -272,8 +272,8 @@ def run(args: argparse.Namespace) -> int:
     from lmschool.distributed import pick_device
     from lmschool.evaluate import load_scorer, read_eval_rows, school_teacher
     from lmschool.generate import compile_for_generation
-    from lmschool.stages.reward import check_kind
-    from lmschool.stages.sft import check_chat_tokenizer
+    from lmschool.checkpoint import check_kind
+    from lmschool.tokenizer import check_chat_tokenizer
     from lmschool.tokenizer import Tokenizer
     from lmschool.trainer import autocast, resolve_precision
     from lmschool.world.teacher import RATER_TEMPERATURE

@@ -61,8 +61,8 @@ import torch
 import torch.nn as nn
 
 from lmschool import distributed
-from lmschool.checkpoint import (atomic_write_text, latest_checkpoint, load_model, load_training_state,
-                                 model_extra, read_config, resolve, save_model,
+from lmschool.checkpoint import (atomic_write_text, check_kind, latest_checkpoint, load_model,
+                                 load_training_state, model_extra, read_config, resolve, save_model,
                                  save_training_checkpoint)
 from lmschool.config import check
 from lmschool.errors import DataError, UserError
@@ -74,7 +74,6 @@ from lmschool.losses.ppo import (ADVANTAGES, KLController, explained_variance, g
 from lmschool.optim import build_optimizer, lr_at
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
-from lmschool.stages.reward import check_kind
 from lmschool.tokenizer import Tokenizer
 from lmschool.trainer import (Progress, TrainConfig, autocast, resolve_precision, rng_state,
                               set_rng_state, truncate_metrics)
@@ -165,7 +164,7 @@ class PPOConfig(TrainConfig):
     """Longest greedy answer to each --eval prompt (keep SFT's for a fair win rate)."""
     eval_batch_size: int = 32
     """Prompts answered at once in the evaluation."""
-    kl_samples: int = 2
+    kl_samples: int = 1
     """Answers sampled per eval prompt (temperature 1) from the policy and from the SFT model, for the
     sampled win rate (win_rate_vs_sft) and kl_from_sft."""
 

@@ -32,7 +32,7 @@ the test answers, from the lines' score_chosen / score_rejected; also its mean w
 teacher_rank_correlation_within_prompt, over prompts with 3 or more answers), reward_bias, steps,
 seconds.
 
-`check_kind(path, expected)` is what the policy stages call to refuse a reward model as a policy
+`checkpoint.check_kind(path, expected)` is what the policy stages call to refuse a reward model as a policy
 (and this stage to refuse a policy where a reward model is expected, and the reverse).
 """
 
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import atomic_write_text, load_model, model_extra, read_config, resolve
+from lmschool.checkpoint import atomic_write_text, check_kind, load_model, model_extra, read_config, resolve
 from lmschool.config import check
 from lmschool.data.preference import Pair, PairBatches, collate_pairs, encode_pair, read_pairs, response_batch
 from lmschool.errors import DataError, UserError
@@ -119,35 +119,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, metavar="FILE",
                         help='preference JSONL: {"prompt", "chosen", "rejected"} per line (e.g. from lmschool label)')
     add_run_arguments(parser)
-
-
-# ---- checkpoint kinds ---------------------------------------------------------------------------
-
-KINDS = {"policy": "a policy (a language model with the LM head: pre-training, SFT, DPO or PPO)",
-         "reward": "a reward model (a scalar head: `lmschool reward`)"}
-
-
-def checkpoint_kind(path: str | Path) -> str:
-    """'reward' for a reward model (config.json "lmschool" kind "reward", or a sequence classifier
-    of another origin), else 'policy'."""
-    config = read_config(path)
-    kind = (config.get("lmschool") or {}).get("kind")
-    if kind in KINDS:
-        return kind
-    archs = config.get("architectures") or []
-    return "reward" if any("SequenceClassification" in a for a in archs) else "policy"
-
-
-def check_kind(path: str | Path, expected: str, what: str = "this command") -> None:
-    """Raise a UserError unless the checkpoint at `path` is of kind `expected` ('policy' or
-    'reward'); `what` names the argument in the message (e.g. "--init")."""
-    if expected not in KINDS:
-        raise ValueError(f"expected must be one of {sorted(KINDS)}, not {expected!r}")
-    kind = checkpoint_kind(path)
-    if kind != expected:
-        hint = ("pass the SFT (or later) policy run instead" if expected == "policy"
-                else "train one with `lmschool reward --init SFT_RUN --data prefs.jsonl --out DIR`")
-        raise UserError(f"{resolve(path)} is {KINDS[kind]}, but {what} needs {KINDS[expected]}; {hint}")
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -302,7 +273,8 @@ def _fingerprint(encoded: list[tuple]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmschool.stages.sft import check_chat_tokenizer, logged_tokens_per_s
+    from lmschool.stages.sft import logged_tokens_per_s
+    from lmschool.tokenizer import check_chat_tokenizer
 
     cfg = load_stage_config(RewardConfig, args)
     timer = Timer()

@@ -47,7 +47,7 @@ from lmschool.evaluate import evaluate_generations, load_scorer, read_eval_rows,
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
-from lmschool.tokenizer import IM_END, IM_START, Tokenizer
+from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
 from lmschool.trainer import TrainConfig, autocast, fit
 
 HELP = "stage 2: supervised fine-tuning on chat conversations (loss on the answers)"
@@ -122,13 +122,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of the school world's teacher")
     add_run_arguments(parser)
 
-
-def check_chat_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
-    if not tokenizer.has_chat_tokens:
-        raise UserError(f"{path}: its tokenizer lacks the chat tokens {IM_START} and {IM_END}, so "
-                        "conversations cannot be rendered; fine-tune a checkpoint whose tokenizer has "
-                        "them (one from `lmschool pretrain` or `lmschool tokenizer train`, or a Qwen2 "
-                        "directory)")
 
 
 def run(args: argparse.Namespace) -> int:
