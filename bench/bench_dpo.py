@@ -23,20 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")
+from sides import add_common_arguments, medians, print_versions, report, run_rounds, write_json
+
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "runs/demo2/sft/model"
@@ -137,67 +130,38 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--child", choices=["lmschool", "trl"], help=argparse.SUPPRESS)
-    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
-    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    add_common_arguments(ap)
     a = ap.parse_args()
 
     if a.child:
         with tempfile.TemporaryDirectory() as tmp:
             fn = lmschool_child if a.child == "lmschool" else trl_child
             res = fn(a, a.data, Path(tmp))
-        print("RESULT " + json.dumps(res), flush=True)
+        report(res)
         return
 
-    import torch
-    import transformers
-    import trl
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "trl": trl.__version__}
-    print(json.dumps(versions), f"| {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}", flush=True)
-    results: dict = {}
+    versions = print_versions()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.jsonl"
         write_pairs(data, (a.warmup + a.steps) * a.batch)
-        for rnd in range(a.rounds):
-            for precision in a.precisions:
-                for side in ("lmschool", "trl") if rnd % 2 == 0 else ("trl", "lmschool"):
-                    cmd = [sys.executable, __file__, "--child", side, "--precision", precision,
-                           "--data", str(data), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                           "--batch", str(a.batch), "--threads", str(a.threads)]
-                    t = time.perf_counter()
-                    p = subprocess.run(cmd, capture_output=True, text=True)
-                    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-                    if p.returncode or not lines:
-                        print(f"{side} {precision} FAILED rc={p.returncode}\n{p.stderr[-3000:]}", flush=True)
-                        continue
-                    res = json.loads(lines[-1][7:])
-                    res["wall_s"] = time.perf_counter() - t
-                    results.setdefault((side, precision), []).append(res)
-                    print(f"round {rnd} {side:8s} {precision}: {res['pairs_per_s']:.1f} pairs/s, "
-                          f"reference pass {res['ref_pass_s']:.2f}s, run {res['wall_s']:.0f}s "
-                          f"(loss {res['train_loss']:.4f})", flush=True)
+        results = run_rounds(
+            a.rounds, a.precisions,
+            lambda side, precision: [sys.executable, __file__, "--child", side, "--precision", precision,
+                                     "--data", str(data), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                                     "--batch", str(a.batch), "--threads", str(a.threads)],
+            lambda res: (f"{res['pairs_per_s']:.1f} pairs/s, reference pass {res['ref_pass_s']:.2f}s "
+                         f"(loss {res['train_loss']:.4f})"))
     print(f"\nmedians over {a.rounds} rounds; batch {a.batch} pairs, {a.steps} steps after {a.warmup} warm-up, "
           f"{a.threads} threads")
     print(f"{'side':9s} {'prec':5s} {'pairs/s':>8s} {'ref s':>7s} {'ratio':>6s}")
     table = []
     for precision in a.precisions:
-        med = {s: (statistics.median(r["pairs_per_s"] for r in results[(s, precision)]),
-                   statistics.median(r["ref_pass_s"] for r in results[(s, precision)]))
-               for s in ("lmschool", "trl") if (s, precision) in results}
-        for side, (pps, ref) in med.items():
-            ratio = pps / med["trl"][0] if "trl" in med else float("nan")
-            print(f"{side:9s} {precision:5s} {pps:8.1f} {ref:7.2f} {ratio:6.2f}x")
-            table.append({"side": side, "precision": precision, "pairs_per_s": pps, "ref_pass_s": ref,
-                          "ratio_vs_trl": ratio})
-    if a.json:
-        a.json.write_text(json.dumps({"versions": versions, "table": table,
-                                      "runs": {f"{s}/{p}": r for (s, p), r in results.items()}}, indent=1))
-
+        med = medians(results, precision, ["pairs_per_s", "ref_pass_s"])
+        for side, m in med.items():
+            ratio = m["pairs_per_s"] / med["trl"]["pairs_per_s"] if "trl" in med else float("nan")
+            print(f"{side:9s} {precision:5s} {m['pairs_per_s']:8.1f} {m['ref_pass_s']:7.2f} {ratio:6.2f}x")
+            table.append({"side": side, "precision": precision, **m, "ratio_vs_trl": ratio})
+    write_json(a.json, versions, table, results)
 
 if __name__ == "__main__":
     main()
