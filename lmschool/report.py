@@ -47,6 +47,7 @@ REQUIRED = {
     **{s: ["teacher_score", "win_rate_vs_sft", "refusal_correct", "fact_correct", "kl_from_sft", "rm_reward"]
        for s in POLICY_STAGES},
 }
+SAMPLED = ["win_rate_vs_sft_greedy", "teacher_score_sampled", "sft_teacher_score_sampled"]  # sweep runs keep these too
 BY_CATEGORY = ["teacher_score_by_category", "correct_by_category", "accuracy_by_category"]
 
 # key -> (label, kind); kind picks the format: rate (a fraction, shown as %), score, nats, int, num
@@ -233,7 +234,7 @@ def sweep_entries(run_dir: Path) -> dict:
         except ValueError:
             continue
         out[directory.name] = {"method": match["method"], "param": match["param"], "value": value,
-                               **{k: _clean(summary.get(k)) for k in REQUIRED["dpo"]}}
+                               **{k: _clean(summary.get(k)) for k in [*REQUIRED["dpo"], *SAMPLED]}}
     return out
 
 
@@ -630,6 +631,9 @@ def render_markdown(report: dict) -> str:
 
     lines += ["## Stage 3b: learning from feedback, side by side", ""]
     ran = {s: st[s] for s in ["sft", *POLICY_STAGES] if st[s]["status"] == "done"}
+    if "sft" in ran:  # SFT's sampled answers are judged by each policy stage (the same seed: the same answers)
+        sampled = [st[s]["sft_teacher_score_sampled"] for s in POLICY_STAGES if st[s].get("sft_teacher_score_sampled")]
+        ran["sft"] = {**ran["sft"], "teacher_score_sampled": sampled[0]} if sampled else ran["sft"]
     not_ran = [f"{TITLES[s]} ({st[s]['status']})" for s in POLICY_STAGES if st[s]["status"] != "done"]
     if len(ran) > ("sft" in ran):
         lines += _table(["measure", *(TITLES[s] for s in ran)], _measure_rows(ran, TABLE_ROWS["policy"])) + [""]
@@ -666,7 +670,9 @@ def render_markdown(report: dict) -> str:
 
     lines += ["## Wall time per stage", ""]
     lines += _table(["stage", "seconds"], [[TITLES.get(s, s), _fmt(v, "seconds")] for s, v in report["seconds"].items()]
-                    + [["**total**", f"**{_fmt(report['seconds_total'], 'seconds')}**"]]) + [""]
+                    + [["**total**", f"**{_fmt(report['seconds_total'], 'seconds')}**"]]
+                    + ([["sweep runs (--sweep), besides", _fmt(report["seconds_sweep"], "seconds")]]
+                       if report.get("seconds_sweep") else [])) + [""]
     lines += ["## Machine and versions", ""]
     lines += _table(["", ""], [[k, str(v)] for k, v in report["machine"].items()]) + [""]
     return "\n".join(lines)
@@ -694,7 +700,9 @@ def build_report(run_dir: Path, *, samples: int = 4) -> dict:
         "run_dir": str(run_dir),
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "preset": world.get("preset"),
-        "seconds_total": sum(seconds.values()),
+        # the pipeline's own stages (what `make demo` runs); --sweep runs are counted apart
+        "seconds_total": sum(v for s, v in seconds.items() if not s.startswith("sweep/")),
+        "seconds_sweep": sum(v for s, v in seconds.items() if s.startswith("sweep/")),
         "seconds": seconds,
         "machine": machine_info(),
         "stages": stages,

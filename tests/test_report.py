@@ -54,7 +54,7 @@ def run_dir(tmp_path_factory):
     """A finished run without IPO, SimPO (unfinished) and GRPO; numbers chosen for the bar checks."""
     d = tmp_path_factory.mktemp("demo")
     write_json(d / "timings.json", {"world": 1.0, "pretrain": 100.0, "sft": 200.0, "reward": 50.0,
-                                    "dpo": 60.0, "ppo": 300.0})
+                                    "dpo": 60.0, "ppo": 300.0, "sweep/dpo-beta0.3": 40.0})
     write_json(d / "world" / "world.json", {"preset": "tiny", "summary": {"pupils": 12, "heldout_pupils": 3,
                "corpus": {"documents": 50}, "sft": {"conversations": 40}, "eval": {"rows": 5}}})
     tok = train_tokenizer([], byte_level=True)
@@ -104,7 +104,8 @@ def test_report_json_has_the_issue_keys_finite_and_in_range(run_dir):
         assert set(keys) | {"seconds", "status"} <= set(on_disk["stages"][stage]), stage
     # seconds from timings.json (not the summary's 99 s); a stage without a timing keeps its summary's
     assert report["stages"]["pretrain"]["seconds"] == 100.0 and report["stages"]["dpo"]["seconds"] == 60.0
-    assert report["seconds_total"] == 1 + 100 + 200 + 50 + 60 + 300
+    assert report["seconds_total"] == 1 + 100 + 200 + 50 + 60 + 300   # what make demo runs: not --sweep's runs
+    assert report["seconds_sweep"] == 40
     assert report["stages"]["sft"]["val_loss"] is None  # NaN in the summary -> null, not invalid JSON
     rates = ["fact_completion", "correct_heldout_pupils", "correct_train_pupils", "correct_arithmetic", "fact_correct",
              "refusal_correct", "end_of_turn_rate", "accuracy_noise_free", "accuracy_rater", "win_rate_vs_sft",
