@@ -263,3 +263,19 @@ def test_critic_warmup_leaves_the_policy_unchanged(ckpt, prompts, scorer, tmp_pa
     a, b = load_model(ckpt), load_model(run / "model")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert all("vf_loss" in m and "pg_loss" not in m for m in metrics(run))
+
+
+def test_one_step_per_rollout_reuses_the_training_forward(ckpt, prompts, scorer, tmp_path):
+    """GRPO with one optimizer step per rollout (ppo_epochs 1, the whole rollout one minibatch, KL
+    in the loss): taking the old log-probs from the update's own forward (reuse_logprobs, the
+    default) gives the same training as the separate no-grad pass: the same logged rewards, KL,
+    entropy, losses and gradient norms, and the same final weights (to float32 rounding)."""
+    extra = ["max_steps=3", "advantage=grpo", "group_size=4", "batch_size=2", "minibatch_size=8",
+             "ppo_epochs=1", "kl_in_loss=true", "kl_estimator=k3", "kl_coef=0.1"]
+    reused = ppo(ckpt, prompts, tmp_path / "reused", *extra)
+    separate = ppo(ckpt, prompts, tmp_path / "separate", *extra, "reuse_logprobs=false")
+    keys = ("reward", "kl", "entropy", "pg_loss", "kl_loss", "grad_norm", "logprob_mismatch")
+    for a, b in zip(metrics(reused), metrics(separate), strict=True):
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5, abs=1e-6)
+    x, y = load_model(reused / "model"), load_model(separate / "model")
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(x.state_dict().values(), y.state_dict().values()))

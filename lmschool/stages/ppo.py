@@ -20,7 +20,9 @@ One iteration (config field `max_steps` counts them):
 2. Score: the reward per response; minus `missing_eos_penalty` where no <|im_end|> was written
    (the "EOS trick" of the N+ implementation details); optional whitening and clipping.
 3. Log-probs of the responses under the policy (recomputed in a forward pass with logits / T,
-   compared with the sampler's as `logprob_mismatch`) and under the reference; the critic's values.
+   compared with the sampler's as `logprob_mismatch`; with one optimizer step per rollout and no
+   critic, taken from that step's own forward instead: `reuse_logprobs`) and under the reference;
+   the critic's values.
 4. Rewards and advantages (lmschool.losses.ppo): per-token reward -beta * KL_t plus the score at
    the last token, then GAE (gamma, lam) and whitening; or, critic-free, the sequence reward
    (score - beta * KL, or the score alone with `kl_in_loss`, GRPO's k3 term) against the group
@@ -167,6 +169,11 @@ class PPOConfig(TrainConfig):
     kl_samples: int = 1
     """Answers sampled per eval prompt (temperature 1) from the policy and from the SFT model, for the
     sampled win rate (win_rate_vs_sft) and kl_from_sft."""
+    reuse_logprobs: bool = True
+    """When a rollout gets exactly one optimizer step (ppo_epochs 1, minibatch_size >= the rollout)
+    and nothing before the update needs the policy's log-probs (no critic, KL in the loss or off),
+    take the old log-probs from the training forward (detached: the ratio is 1, the gradient the
+    same) instead of a separate no-grad pass over the rollout, as TRL's GRPOTrainer does."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -201,6 +208,12 @@ class PPOConfig(TrainConfig):
     @property
     def rollout_size(self) -> int:
         return self.batch_size * self.group_size
+
+    @property
+    def single_step(self) -> bool:
+        """True where the old log-probs can come from the update's own forward (see reuse_logprobs)."""
+        return (self.reuse_logprobs and self.ppo_epochs == 1 and self.minibatch_size >= self.rollout_size
+                and self.advantage != "gae" and (self.kl_in_loss or self.kl_coef == 0))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -484,14 +497,16 @@ class PPO:
         chunk = cfg.minibatch_size
         with torch.no_grad(), autocast(self.device, self.precision):
             raw_scores = self.reward.of_rollout(batch, prompts, texts, chunk).float()      # (N,)
-            old_logprobs, entropy = _in_chunks(lambda b: response_logprobs(self.policy, b, cfg.temperature),
-                                               batch, chunk)                                # (N, R) each
+            old_logprobs = entropy = None  # single_step: filled in by the update's forward
+            if not cfg.single_step:
+                old_logprobs, entropy = _in_chunks(lambda b: response_logprobs(self.policy, b, cfg.temperature),
+                                                   batch, chunk)                            # (N, R) each
             ref_logprobs, = _in_chunks(lambda b: response_logprobs(self.reference, b, cfg.temperature)[0],
                                        batch, chunk)
             values = (_in_chunks(lambda b: response_values(self.critic, b), batch, chunk)[0]
                       if self.critic is not None else None)
         mask = batch.mask
-        sampler_lp = torch.zeros_like(old_logprobs)
+        sampler_lp = torch.zeros_like(ref_logprobs)
         for i, lp in enumerate(gen.logprobs):
             sampler_lp[i, :len(lp)] = torch.tensor(lp)
 
@@ -502,14 +517,14 @@ class PPO:
         if cfg.score_clip:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         kl_coef = self.kl_ctl.value
-        kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask                 # (N, R)
-        seq_kl_k1 = ((old_logprobs - ref_logprobs) * mask).sum(1)                         # (N,)
         reward_kl = 0.0 if cfg.kl_in_loss else kl_coef
         if cfg.advantage == "gae":
+            kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask             # (N, R)
             rewards, non_score = token_rewards(scores, kl, mask, reward_kl)
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         else:
-            non_score = -reward_kl * kl
+            non_score = (-reward_kl * kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+                         if reward_kl else torch.zeros_like(mask, dtype=torch.float32))     # (N, R)
             sequence_reward = scores + non_score.sum(1)                                    # (N,)
             adv_fn = ADVANTAGES[cfg.advantage]
             kwargs = {"scale_std": cfg.scale_group_std} if cfg.advantage == "grpo" else {}
@@ -521,8 +536,14 @@ class PPO:
 
         # 5. updates
         t2 = time.time()
-        update = self.update(batch, old_logprobs, ref_logprobs, advantages, values, returns, kl_coef, step)
+        seen = None
+        if old_logprobs is None:  # single_step: the update records what its forward computed
+            seen = {"logprobs": torch.zeros_like(ref_logprobs), "entropy": torch.zeros_like(ref_logprobs)}
+        update = self.update(batch, old_logprobs, ref_logprobs, advantages, values, returns, kl_coef, step, seen)
         update_s = time.time() - t2
+        if seen is not None:
+            old_logprobs, entropy = seen["logprobs"], seen["entropy"]
+        seq_kl_k1 = ((old_logprobs - ref_logprobs) * mask).sum(1)                         # (N,)
         self.kl_ctl.update(seq_kl_k1.mean().item(), batch.size)
         self.step += 1
         update_tokens = update.pop("_tokens")
@@ -557,8 +578,10 @@ class PPO:
         return metrics
 
     def update(self, batch: Rollout, old_logprobs, ref_logprobs, advantages, values, returns,
-               kl_coef: float, step: int) -> dict:
-        """ppo_epochs passes of minibatch steps over the rollout; returns mean metrics."""
+               kl_coef: float, step: int, seen: dict | None = None) -> dict:
+        """ppo_epochs passes of minibatch steps over the rollout; returns mean metrics. With
+        old_logprobs None (cfg.single_step), the one step's forward gives them, written to
+        seen["logprobs"] / seen["entropy"] (N, R)."""
         cfg = self.cfg
         N = batch.size
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
@@ -573,7 +596,7 @@ class PPO:
                 rows = order[start:start + cfg.minibatch_size]
                 m = self.minibatch_step(batch, rows, old_logprobs, ref_logprobs, advantages, values,
                                         returns, kl_coef, step * 10_000 + n_steps,
-                                        train_policy=step >= cfg.critic_warmup)
+                                        train_policy=step >= cfg.critic_warmup, seen=seen)
                 tokens += m.pop("_tokens")
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -583,7 +606,8 @@ class PPO:
         return out
 
     def minibatch_step(self, batch: Rollout, rows, old_logprobs, ref_logprobs, advantages, values,
-                       returns, kl_coef: float, ptx_step: int, train_policy: bool = True) -> dict:
+                       returns, kl_coef: float, ptx_step: int, train_policy: bool = True,
+                       seen: dict | None = None) -> dict:
         """One optimizer step of the policy (unless warming up the critic) and of the critic on
         the rollout rows `rows`: micro-batches (forward, loss, backward), PPO-ptx, clip, step.
         Losses are token means over the minibatch (each micro-batch weighted by its tokens)."""
@@ -603,8 +627,12 @@ class PPO:
                 if train_policy:
                     logprobs, entropy = response_logprobs(self.policy, sub, cfg.temperature,
                                                           entropy_grad=cfg.entropy_coef > 0)
-                    pg_loss, pm = policy_loss(logprobs, old_logprobs[part, :R], advantages[part, :R], mask,
-                                              cfg.clip_eps)
+                    if old_logprobs is None:   # the one step of this rollout: old = current, detached
+                        old = logprobs.detach()
+                        seen["logprobs"][part, :R], seen["entropy"][part, :R] = old, entropy.detach()
+                    else:
+                        old = old_logprobs[part, :R]
+                    pg_loss, pm = policy_loss(logprobs, old, advantages[part, :R], mask, cfg.clip_eps)
                     entropy = masked_mean(entropy, mask)
                     loss = pg_loss - cfg.entropy_coef * entropy if cfg.entropy_coef else pg_loss
                     metrics.update(pg_loss=pg_loss.item(), **pm, update_entropy=entropy.item())
