@@ -147,8 +147,6 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
     records: one per row, in row order: prompt, category, heldout, response, score, parts,
       end_of_turn, tokens (and the row's expected / reference / pupil, if any).
     """
-    from lmschool.generate import generate
-
     if tokenizer.im_end_id is None:
         from lmschool.errors import UserError
         raise UserError("the tokenizer has no end-of-turn token <|im_end|>, so chat prompts cannot be "
@@ -158,16 +156,10 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
     prompts = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
     was_training = model.training
     model.eval()
-    answers: dict[int, tuple[list[int], bool]] = {}
-    usable = sorted((i for i, p in enumerate(prompts) if len(p) < context), key=lambda i: len(prompts[i]))
-    for start in range(0, len(usable), batch_size):
-        chunk = usable[start:start + batch_size]
-        room = context - max(len(prompts[i]) for i in chunk)
-        out = generate(model, [prompts[i] for i in chunk], max_new_tokens=min(max_new_tokens, room),
-                       temperature=temperature, stop_ids=tokenizer.stop_ids,
-                       pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, seed=seed + start)
-        for i, tokens in zip(chunk, out.tokens):
-            answers[i] = (tokens, bool(tokens) and tokens[-1] == tokenizer.im_end_id)
+    usable = [i for i, p in enumerate(prompts) if len(p) < context]
+    outs = sample_answers(model, tokenizer, [prompts[i] for i in usable], samples=1, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, seed=seed, temperature=temperature)
+    answers = {i: (tokens, bool(tokens) and tokens[-1] == tokenizer.im_end_id) for i, tokens in zip(usable, outs)}
     model.train(was_training)
 
     done = sorted(answers)
