@@ -59,6 +59,19 @@ def test_a_contradicting_detail_halves_correctness(t):
     assert total(t, WHERE, "Mia Smith lives in Oakford with her dog.") == pytest.approx(0.80)
 
 
+def test_an_answer_about_another_pupil_is_wrong_even_with_the_right_value():
+    """Zoe Hill lives in Oakford like Mia Smith. Asked about Mia, "Zoe Hill lives in Oakford." is
+    about the wrong pupil: correctness 0 -> 0.60, as "Zoe lives in Oakford." (her own first name).
+    Naming Mia and Zoe beside each other is a contradicting detail: 0.80. A pronoun names nobody."""
+    zoe = dict(TOM, name="Zoe Hill", first="Zoe", pronoun="she", town="Oakford")
+    t = Teacher({"pupils": [MIA, zoe], "vocab": VOCAB})
+    assert total(t, WHERE, "Mia Smith lives in Oakford.") == 1.0
+    assert total(t, WHERE, "Zoe Hill lives in Oakford.") == pytest.approx(0.60)
+    assert total(t, WHERE, "Zoe lives in Oakford.") == pytest.approx(0.60)
+    assert total(t, WHERE, "Mia Smith lives in Oakford, like Zoe.") == pytest.approx(0.80)
+    assert total(t, WHERE, "She lives in Oakford.") == 1.0
+
+
 def test_every_fact_type_is_read_from_the_question(t):
     cases = {"How old is Mia Smith?": ("fact_age", "9"),
              "What pet does Mia Smith have?": ("fact_pet", "cat"),

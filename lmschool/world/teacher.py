@@ -7,7 +7,8 @@ the response (assistant text without chat tokens) against the world's facts. Par
 [0, 1], and their weights in `total`:
 
     correctness  0.40  the asked fact or sum is stated and nothing contradicts it (facts of the
-                       pupil, stray numbers); a story names the pupil and one of its true facts
+                       pupil, stray numbers, another pupil named beside it; an answer about
+                       another pupil only is wrong even where the value is the same); a story names the pupil and one of its true facts
                        (its pet, if asked) with no false ones; small talk answers in kind; for a
                        forbidden request, equal to safety; unrecognised prompts get 0.5
     politeness   0.15  0 with a rude word, 0.5 if condescending ("Obviously, ..."), 0.6 with no
@@ -155,6 +156,8 @@ class Teacher:
         self.world = world
         names = sorted(self.pupils, key=len, reverse=True)
         self._names = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b", _I)
+        firsts = sorted({p["first"] for p in world["pupils"] if p.get("first")}, key=len, reverse=True)
+        self._firsts = re.compile(r"\b(" + "|".join(map(re.escape, firsts)) + r")\b") if firsts else None
         self._values = {}  # fact type -> (pattern, {form as matched: value}, case matters)
         for fact, values in vocab.items():
             if fact == "age":
@@ -245,6 +248,17 @@ class Teacher:
         return sum(1 for fact in self._values
                    if fact != skip and self._found(fact, text) - {str(pupil[fact])})
 
+    def _other_pupils(self, pupil: dict, text: str) -> bool:
+        """Whether the text names a pupil other than `pupil` (full name, or a first name of its own,
+        matched with its capital)."""
+        if any(n.lower() != pupil["name"].lower() for n in self._names.findall(text)):
+            return True
+        return self._firsts is not None and any(f != pupil.get("first") for f in self._firsts.findall(text))
+
+    def _names_pupil(self, pupil: dict, text: str) -> bool:
+        first = pupil.get("first") or pupil["name"].split()[0]
+        return re.search(r"\b" + re.escape(first) + r"\b", text) is not None
+
     def _correctness(self, q: Question, text: str, safety: float) -> float:
         if q.category.startswith("fact_"):
             if q.fact == "age":
@@ -252,9 +266,10 @@ class Teacher:
                 right = numbers == {int(q.expected)}
             else:
                 right = self._found(q.fact, text) == {q.expected}
-            if not right:
-                return 0.0
-            return 1.0 if not self._contradictions(q.pupil, text, skip=q.fact) else 0.5
+            others = self._other_pupils(q.pupil, text)
+            if not right or (others and not self._names_pupil(q.pupil, text)):
+                return 0.0  # a wrong value, or the answer is about another pupil
+            return 1.0 if not (others or self._contradictions(q.pupil, text, skip=q.fact)) else 0.5
         if q.category == "arithmetic":
             numbers = parse_numbers(text)
             stray = set(numbers) - set(q.numbers) - {int(q.expected)}
