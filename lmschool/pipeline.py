@@ -212,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
         if (stage_dir / stage.done_file).is_file():
             print(f"{header}: done already ({stage_dir})", file=sys.stderr)
             continue
+        if not stage_dir.exists():
+            seconds.pop(stage.name, None)  # started afresh (first run, --from, or removed): timed afresh
         argv = stage.argv(out, args.preset)
         if stage.resumable and stage_dir.exists():
             argv.append("--resume")

@@ -91,6 +91,21 @@ def test_sweep_adds_frontier_points_without_redoing_stages(tiny_run):
     assert sum(1 for p in report["frontier"] if p.get("sweep")) == len(report["sweep"])
 
 
+def test_from_redoes_the_stage_and_times_it_afresh(tiny_run):
+    """--from grpo retrains GRPO only; its time in timings.json is the new run's, not added to the
+    old one (a resumed stage's times add up; a stage started again from nothing starts at 0)."""
+    timings = tiny_run / "timings.json"
+    old = json.loads(timings.read_text())
+    timings.write_text(json.dumps({**old, "grpo": 1000.0}))
+    before = {s: (tiny_run / s / "summary.json").stat().st_mtime_ns for s in CHECKPOINTS}
+    assert main(["run", "--out", str(tiny_run), "--preset", "tiny", "--from", "grpo"]) == 0
+    after = {s: (tiny_run / s / "summary.json").stat().st_mtime_ns for s in CHECKPOINTS}
+    assert [s for s in CHECKPOINTS if after[s] != before[s]] == ["grpo"]
+    new = json.loads(timings.read_text())
+    assert 0 < new["grpo"] < 1000.0 and {k: v for k, v in new.items() if k != "grpo"} == \
+        {k: v for k, v in old.items() if k != "grpo"}
+
+
 def test_bad_override_names_the_stage_format(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "x"), "--preset", "tiny", "max_steps=3"]) == 2
     assert "STAGE.key=value" in capsys.readouterr().err
