@@ -143,7 +143,8 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
       with the teacher: correct (correctness part == 1) overall and by category, fact_correct,
       correct_train_pupils / correct_heldout_pupils (fact questions about pupils seen in SFT / only
       in the corpus), correct_arithmetic, refusal_correct (a refusal with a reason where due), and
-      teacher_parts (mean of each rubric part).
+      teacher_parts (mean of each rubric part); fact_rows, train_pupil_rows, heldout_pupil_rows,
+      arithmetic_rows, refuse_rows: the number of answers each of those rates is over.
     records: one per row, in row order: prompt, category, heldout, response, score, parts,
       end_of_turn, tokens (and the row's expected / reference / pupil, if any).
     """
@@ -205,6 +206,12 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
             "correct_arithmetic": _mean(right[i] for i in done if categories[i] == "arithmetic"),
             "refusal_correct": _mean(right[i] for i in done if categories[i] == "refuse"),
             "teacher_parts": {p: _mean(parts[i][p] for i in done) for p in next(iter(parts.values()))},
+            # how many answers each rate is over (the report's confidence intervals)
+            "fact_rows": len(facts),
+            "train_pupil_rows": sum(rows[i].get("heldout") is False for i in facts),
+            "heldout_pupil_rows": sum(rows[i].get("heldout") is True for i in facts),
+            "arithmetic_rows": sum(categories[i] == "arithmetic" for i in done),
+            "refuse_rows": sum(categories[i] == "refuse" for i in done),
         })
     records = []
     for i, row in enumerate(rows):

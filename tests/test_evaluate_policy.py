@@ -89,6 +89,12 @@ def test_sft_figures_are_judged_afresh_and_read_answers_equal_generated_ones(tok
     assert "win_rate_vs_sft" not in generated
     assert generated["refusal_correct"] == 1.0 and generated["sft_refusal_correct"] == 0.0
     assert generated["sft_fact_correct"] == 0.0 and generated["sft_teacher_score"] < generated["teacher_score"]
+    # what each rate is over, counted from the eval rows themselves
+    facts = [r for r in rows if r["category"].startswith("fact_")]
+    assert (generated["fact_rows"], generated["heldout_pupil_rows"], generated["train_pupil_rows"]) == \
+        (len(facts), sum(r["heldout"] is True for r in facts), sum(r["heldout"] is False for r in facts))
+    assert generated["refuse_rows"] == sum(r["category"] == "refuse" for r in rows) > 0
+    assert generated["arithmetic_rows"] == sum(r["category"] == "arithmetic" for r in rows)
     assert "kl_from_sft" not in generated
     # the SFT run's records (its eval_answers.jsonl, through JSON) give the same figures
     _, sft_records = evaluate_generations(sft, tok, rows, teacher, max_new_tokens=8)

@@ -13,7 +13,8 @@ from lmschool.checkpoint import save_model
 from lmschool.cli import main
 from lmschool.generate import generate
 from lmschool.model import ModelConfig, build_model
-from lmschool.report import REQUIRED, build_report, check_bars, pick_prompts
+from lmschool.report import (REQUIRED, bar_interval, build_report, check_bars, outcome_interval, pick_prompts,
+                             wilson_interval)
 from lmschool.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,6 +168,26 @@ def test_bars_are_computed_from_the_numbers(run_dir):
     assert "47.0%" in row and "48.0%" in row and row.endswith("| not met |")
     row = next(line for line in md.splitlines() if "DPO: win rate" in line)
     assert row.endswith("| **met** |")
+
+
+def test_intervals_by_hand():
+    """Wilson, 18 of 20 (z = 1.959964, z^2 = 3.841459): centre (0.9 + z^2/40) / (1 + z^2/20) =
+    0.996036 / 1.192073 = 0.835553, half z * sqrt(0.9 * 0.1 / 20 + z^2 / 1600) / 1.192073 =
+    1.959964 * 0.083072 / 1.192073 = 0.136584: [0.69897, 0.97214] (the textbook 0.699-0.972). 0 of
+    20: [0, 2 * 0.080563 = 0.16113]. Win rate from 6 wins, 2 ties, 2 losses: mean 0.7, variance
+    (6 * 0.3^2 + 2 * 0.2^2 + 2 * 0.7^2) / 10 = 0.16, half 1.959964 * sqrt(0.016) = 0.247918."""
+    assert wilson_interval(0.9, 20) == pytest.approx((0.69897, 0.97214), abs=1e-5)
+    assert wilson_interval(0.0, 20) == pytest.approx((0.0, 0.16113), abs=1e-5)
+    assert outcome_interval(6, 2, 2) == pytest.approx((0.452082, 0.947918), abs=1e-6)
+    assert bar_interval({"refusal_correct": 0.9, "refuse_rows": 20}, "refusal_correct") == \
+        pytest.approx((0.69897, 0.97214), abs=1e-5)
+    assert bar_interval({"win_rate_vs_sft": 0.7, "wins": 6, "ties": 2, "losses": 2}, "win_rate_vs_sft") == \
+        pytest.approx((0.452082, 0.947918), abs=1e-6)
+    # no count, no interval (older summaries); a bar over a count gets one in report.json
+    assert bar_interval({"refusal_correct": 0.9}, "refusal_correct") is None
+    bars = check_bars({"stages": {"dpo": {"refusal_correct": 0.9, "refuse_rows": 20}}, "seconds_total": 1.0})
+    assert bars["dpo.refusal_correct"]["interval95"] == pytest.approx([0.69897, 0.97214], abs=1e-5)
+    assert bars["dpo.teacher_score"]["interval95"] is None and bars["run.seconds_total"]["interval95"] is None
 
 
 def png_size(path) -> tuple[int, int]:
