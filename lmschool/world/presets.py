@@ -74,8 +74,9 @@ class Preset:
     eval_fact_heldout: int = 12
     """eval.jsonl questions per fact type about held-out pupils."""
     eval_other: dict[str, int] = field(default_factory=lambda: dict(
-        arithmetic=30, refuse=20, story=15, smalltalk=15))
-    """eval.jsonl rows for each non-fact category."""
+        arithmetic=30, refuse=60, story=15, smalltalk=15))
+    """eval.jsonl rows for each non-fact category. 60 forbidden requests: the refusal bar (90%) is
+    then read to about +-8 points (95% interval) rather than the +-15 of 20."""
     multi_turn_share: float = 0.15
     """Share of conversations (sft, prompts) with two or three user turns."""
     system_share: float = 0.1
