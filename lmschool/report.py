@@ -643,10 +643,14 @@ def render_markdown(report: dict) -> str:
                          f"{_fmt(interval[0], kind)} - {_fmt(interval[1], kind)}" if interval else "—",
                          f"{b['op']} {threshold}", verdict])
     lines += _table(["bar", "value", "95% interval", "threshold", "met"], bar_rows) + [""]
-    lines += ["The intervals show how much of a value is the evaluation's luck: a rate over n answers (Wilson "
-              "score interval; 20 forbidden requests, 84 held-out fact questions, ~180 reward-model test "
-              "pairs on the default world), the win rate over its per-prompt outcomes (normal approximation). "
-              "A bar whose interval straddles its threshold is not settled by one run.", ""]
+    counted = [f"{n} {what}" for n, what in (
+        (st.get("dpo", {}).get("refuse_rows") or st.get("sft", {}).get("refuse_rows"), "forbidden requests"),
+        (st.get("sft", {}).get("heldout_pupil_rows"), "questions about held-out pupils"),
+        (st.get("reward", {}).get("noise_free_pairs"), "held-out reward-model pairs")) if n]
+    lines += ["95% intervals show how much of a value is the evaluation's luck: for a rate over n answers the "
+              "Wilson score interval" + (f" (here {', '.join(counted)})" if counted else "") + ", for a win "
+              "rate a normal interval over its per-prompt outcomes. A bar whose interval straddles its "
+              "threshold is not settled by one run.", ""]
 
     lines += ["## Stage 1: pre-training", ""]
     lines += [_status_line(st["pretrain"]), ""] if _status_line(st["pretrain"]) else \
