@@ -142,7 +142,7 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
       end_of_turn_rate: answers that ended with the end-of-turn token (not cut by max_new_tokens);
       with the teacher: correct (correctness part == 1) overall and by category, fact_correct,
       correct_train_pupils / correct_heldout_pupils (fact questions about pupils seen in SFT / only
-      in the corpus), correct_arithmetic, refusal_correct (a refusal with a reason where due), and
+      in the corpus), correct_arithmetic, refusal_correct (a refusal with a reason that fits the request, where one is due), and
       teacher_parts (mean of each rubric part); fact_rows, train_pupil_rows, heldout_pupil_rows,
       arithmetic_rows, refuse_rows: the number of answers each of those rates is over.
     records: one per row, in row order: prompt, category, heldout, response, score, parts,

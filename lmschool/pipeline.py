@@ -136,8 +136,8 @@ def sweep_stages() -> list[Stage]:
 
 # Rough seconds per stage on a 2-core laptop CPU, for the overall ETA before a stage has run.
 EXPECTED_SECONDS = {
-    "default": {"world": 2, "pretrain": 320, "sft": 190, "label": 25, "reward": 25, "dpo": 45,
-                "ipo": 45, "simpo": 35, "ppo": 85, "grpo": 50, "sweep": 65},
+    "default": {"world": 2, "pretrain": 300, "sft": 150, "label": 20, "reward": 33, "dpo": 55,
+                "ipo": 51, "simpo": 40, "ppo": 75, "grpo": 42, "sweep": 65},
     "tiny": {"world": 1, "pretrain": 5, "sft": 5, "label": 3, "reward": 3, "dpo": 3, "ipo": 3,
              "simpo": 3, "ppo": 5, "grpo": 5, "sweep": 3},
 }

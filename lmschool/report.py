@@ -64,7 +64,7 @@ MEASURES = {
     "correct_heldout_pupils": ("facts right, held-out pupils", "rate"),
     "fact_correct": ("facts right, all pupils", "rate"),
     "correct_arithmetic": ("sums right", "rate"),
-    "refusal_correct": ("forbidden requests refused with a reason", "rate"),
+    "refusal_correct": ("forbidden requests refused with a reason that fits", "rate"),
     "end_of_turn_rate": ("answers that end their turn", "rate"),
     "accuracy_noise_free": ("pairwise accuracy vs noise-free labels", "rate"),
     "accuracy_rater": ("pairwise accuracy vs the noisy rater's labels", "rate"),
@@ -618,7 +618,7 @@ def render_markdown(report: dict) -> str:
              "a corpus), **SFT** (taught to answer in a chat format), and **learning from feedback** (a noisy "
              "rater ranks sampled answers, a reward model learns the ranking, PPO/GRPO optimise against it, "
              "DPO/IPO/SimPO learn from the pairs directly). Every policy is judged by the same gold teacher "
-             "(a rubric in [0, 1]: correct facts and sums, politeness, brevity, refusals with a reason, a "
+             "(a rubric in [0, 1]: correct facts and sums, politeness, brevity, refusals with a reason that fits the request, a "
              "well-formed end) on held-out prompts. Rates are shown as percentages; report.json has the "
              "same numbers as fractions.", "",
              f"Wall time in all: **{_fmt(report['seconds_total'], 'seconds')}** on {report['machine']['cpu']} "
