@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sides import add_common_arguments, medians, print_versions, report, run_rounds, write_json
+from sides import add_common_arguments, medians, print_versions, run_child, run_rounds, write_json
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,10 +134,7 @@ def main() -> None:
     a = ap.parse_args()
 
     if a.child:
-        with tempfile.TemporaryDirectory() as tmp:
-            fn = lmschool_child if a.child == "lmschool" else trl_child
-            res = fn(a, a.data, Path(tmp))
-        report(res)
+        run_child(a, {"lmschool": lmschool_child, "trl": trl_child})
         return
 
     versions = print_versions()

@@ -59,7 +59,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sides import add_common_arguments, medians, print_versions, report, run_rounds, write_json
+from sides import add_common_arguments, medians, print_versions, run_child, run_rounds, write_json
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,11 +219,7 @@ def main() -> None:
         ap.error("--warmup and --iterations must be >= 1, --group >= 2 (GRPO compares samples of a prompt)")
 
     if a.child:
-        order = json.loads(a.order.read_text())
-        with tempfile.TemporaryDirectory() as tmp:
-            fn = lmschool_child if a.child == "lmschool" else trl_child
-            res = fn(a, a.data, order, Path(tmp))
-        report(res)
+        run_child(a, {"lmschool": lmschool_child, "trl": trl_child}, json.loads(a.order.read_text()))
         return
 
     versions = print_versions()

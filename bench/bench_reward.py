@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sides import add_common_arguments, medians, print_versions, report, run_rounds, write_json
+from sides import add_common_arguments, medians, print_versions, run_child, run_rounds, write_json
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,11 +185,7 @@ def main() -> None:
         ap.error("--warmup and --steps must be >= 1 (a step's time runs from the previous step's end)")
 
     if a.child:
-        layout = json.loads(a.layout.read_text())
-        with tempfile.TemporaryDirectory() as tmp:
-            fn = lmschool_child if a.child == "lmschool" else trl_child
-            res = fn(a, a.data, layout, Path(tmp))
-        report(res)
+        run_child(a, {"lmschool": lmschool_child, "trl": trl_child}, json.loads(a.layout.read_text()))
         return
 
     versions = print_versions()

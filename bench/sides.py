@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,13 @@ def print_versions() -> dict:
 def report(result: dict) -> None:
     """A child's last words: its result as one parseable line."""
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(a: argparse.Namespace, sides: dict[str, Callable], *plan) -> None:
+    """In a child process: run side `a.child`'s function on (args, data file, *plan, a temporary
+    directory) and report its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report(sides[a.child](a, a.data, *plan, Path(tmp)))
 
 
 def run_rounds(rounds: int, precisions: list[str], command: Callable[[str, str], list[str]],
