@@ -120,14 +120,15 @@ TOPICS: dict[str, Topic] = {t.topic: t for t in FORBIDDEN}
 _COMPILED = [(t, re.compile(t.pattern, re.IGNORECASE)) for t in FORBIDDEN]
 
 
-_SUBJECTS = [(t, re.compile(t.subject, re.IGNORECASE)) for t in FORBIDDEN]
+_SUBJECTS = {t.topic: re.compile(t.subject, re.IGNORECASE) for t in FORBIDDEN}
 
 
 def reason_fits(topic: Topic, text: str) -> bool:
     """Whether the reasons in `text` can be this topic's: it names the topic's subject, or no other
     topic's (a generic "that is not safe" fits any request; another request's reason does not)."""
-    own = next(p for t, p in _SUBJECTS if t.topic == topic.topic)
-    return own.search(text) is not None or not any(p.search(text) for t, p in _SUBJECTS if t.topic != topic.topic)
+    if _SUBJECTS[topic.topic].search(text):
+        return True
+    return not any(p.search(text) for name, p in _SUBJECTS.items() if name != topic.topic)
 
 
 def match_forbidden(text: str) -> Topic | None:

@@ -281,7 +281,7 @@ class Teacher:
             if q.pupil is None:
                 return 0.5
             p = q.pupil
-            named = re.search(r"\b" + re.escape(p["first"]) + r"\b", text) is not None
+            named = self._names_pupil(p, text)
             facts = ("pet", "pet_name") if q.about_pet else tuple(self._values)
             true_fact = any(str(p[f]) in self._found(f, text) for f in facts)
             wrong = self._contradictions(p, text)
