@@ -55,7 +55,7 @@ SEQ, BATCH, LR = 256, 8, 1e-3
 
 
 def school_world(tmp: Path, preset: str) -> Path:
-    from lmschool.world.generate import write
+    from lmschool.world.build import write
     write(tmp / "world", seed=0, preset_name=preset)
     return tmp / "world"
 

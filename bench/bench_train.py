@@ -60,7 +60,7 @@ def data(seed=0) -> TokenWindows:
     curves mean something."""
     from lmschool.data.text import read_documents
     from lmschool.tokenizer import train_tokenizer
-    from lmschool.world.generate import write
+    from lmschool.world.build import write
     with tempfile.TemporaryDirectory() as tmp:
         write(Path(tmp) / "w", seed=0, preset_name="default")
         docs = list(read_documents(Path(tmp) / "w" / "corpus.txt"))

@@ -1,14 +1,15 @@
-"""The `lmschool` command: one subcommand per step of the pipeline.
+"""The `lmschool` command: one subcommand per step of the pipeline, each in its own module.
 
-Each subcommand lives in its own module, imported only when it is run (so `lmschool --help`
-is instant). A command module exposes:
+A subcommand's module is imported only when it is run (so `lmschool --help` is instant); its
+one-line help lives here, beside its name. A command module exposes:
 
-    HELP: str                                  one line for `lmschool --help`
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> int       exit status
 
-Errors a user can fix (bad config key, bad data line, missing file) are raised as
-`lmschool.errors.UserError` and printed as one clear line, exit status 2, no traceback.
+Training stages keep their CLI in lmschool/stages/ (each reads as its step of the pipeline);
+every other command lives in lmschool/commands/. Errors a user can fix (bad config key, bad data
+line, missing file) are raised as `lmschool.errors.UserError` and printed as one clear line, exit
+status 2, no traceback.
 """
 
 from __future__ import annotations
@@ -19,22 +20,29 @@ import sys
 
 from lmschool.errors import UserError
 
-# name -> module implementing it
-COMMANDS: dict[str, str] = {
-    "world": "lmschool.world.command",
-    "tokenizer": "lmschool.tokenizer_command",
-    "pretrain": "lmschool.stages.pretrain",
-    "sft": "lmschool.stages.sft",
-    "label": "lmschool.stages.label",
-    "reward": "lmschool.stages.reward",
-    "score": "lmschool.score_command",
-    "dpo": "lmschool.stages.dpo",
-    "ppo": "lmschool.stages.ppo",
-    "generate": "lmschool.generate_command",
-    "chat": "lmschool.chat",
-    "eval": "lmschool.eval_command",
-    "run": "lmschool.pipeline",
-    "report": "lmschool.report",
+# name -> (module implementing it, what it does in one line)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "world": ("lmschool.commands.world",
+              "write the built-in school world (corpus, conversations, preferences, eval sets)"),
+    "tokenizer": ("lmschool.commands.tokenizer", "train a byte-level BPE tokenizer on text or JSONL files"),
+    "pretrain": ("lmschool.stages.pretrain", "stage 1: pre-train a model on a text corpus (next-token prediction)"),
+    "sft": ("lmschool.stages.sft", "stage 2: supervised fine-tuning on chat conversations (loss on the answers)"),
+    "label": ("lmschool.stages.label",
+              "stage 3: sample K answers per prompt from a policy, rank them with a rater, write preference pairs"),
+    "reward": ("lmschool.stages.reward", "stage 3a: train a reward model on preference pairs (Bradley-Terry)"),
+    "score": ("lmschool.commands.score", "print a reward model's reward for a response to a prompt"),
+    "dpo": ("lmschool.stages.dpo",
+            "stage 3b: learn from preference pairs directly (DPO, IPO, cDPO, robust DPO, SimPO, ORPO, KTO)"),
+    "ppo": ("lmschool.stages.ppo",
+            "stage 3c: PPO against a reward model or scorer; GRPO and RLOO (critic-free) in the same loop"),
+    "generate": ("lmschool.commands.generate",
+                 "print a model's continuation of a prompt (streamed; --chat for a chat turn)"),
+    "chat": ("lmschool.commands.chat", "talk with a chat model: streamed answers, /reset, /system, /temperature, /quit"),
+    "eval": ("lmschool.commands.eval",
+             "answer eval prompts with a checkpoint and judge them (school world teacher or --scorer)"),
+    "run": ("lmschool.pipeline",
+            "run the whole pipeline on the school world (world, pre-training, SFT, feedback) and write a report"),
+    "report": ("lmschool.report", "write report.md, report.json and plots for a `lmschool run` directory"),
 }
 
 
@@ -46,14 +54,11 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
     chosen = None
-    for name, modname in COMMANDS.items():
+    for name, (modname, help_line) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_line, description=help_line)
         if wanted == name:
-            module = importlib.import_module(modname)
-            p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-            module.add_arguments(p)
-            chosen = module
-        else:
-            sub.add_parser(name, help=f"(see `lmschool {name} --help`)")
+            chosen = importlib.import_module(modname)
+            chosen.add_arguments(p)
     return parser, chosen
 
 

@@ -49,45 +49,6 @@ def lm_loss_and_bpb(model, batches, *, special_ids: set[int], bytes_per_text_tok
 # replace it (then only the mean score and the end-of-turn rate are reported). The stages (SFT,
 # DPO, PPO) and `lmschool eval` all call `evaluate_generations`.
 
-EVAL_FORMAT = ('expected {"prompt": "..." | [messages ending with a user turn]} (optional: "category", '
-               '"heldout", "expected", "reference") or {"messages": [..., user, assistant]}')
-
-
-def read_eval_rows(path) -> list[dict]:
-    """Rows of an eval JSONL file, each with "prompt" as a list of messages ending in a user turn.
-
-    A {"messages": [...]} row is taken as the prompt up to its last user turn, with the
-    assistant turn after it as "reference". Other keys are kept. Raises DataError at file:line."""
-    from lmschool.data.sft import check_conversation, read_jsonl
-    from lmschool.errors import DataError
-
-    rows = []
-    for where, row in read_jsonl(path, EVAL_FORMAT):
-        if "prompt" in row:
-            prompt = row["prompt"]
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        elif "messages" in row:
-            messages = check_conversation(row["messages"], where, need_assistant=False)
-            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-            if not users:
-                raise DataError(f"{where}: the conversation has no user turn to answer; {EVAL_FORMAT}")
-            prompt = messages[:users[-1] + 1]
-            after = messages[users[-1] + 1:]
-            row = {k: v for k, v in row.items() if k != "messages"}
-            if after and after[0]["role"] == "assistant":
-                row.setdefault("reference", after[0]["content"])
-        else:
-            raise DataError(f"{where}: {EVAL_FORMAT}; this line has keys {sorted(row)}")
-        check_conversation(prompt, where, need_assistant=False)
-        if prompt[-1]["role"] != "user":
-            raise DataError(f"{where}: the prompt's last turn is {prompt[-1]['role']}; it must end "
-                            "with the user turn the model answers")
-        rows.append({**row, "prompt": prompt, "where": where})
-    if not rows:
-        raise DataError(f"{path}: holds no prompts; {EVAL_FORMAT}, one per line")
-    return rows
-
-
 def load_scorer(spec: str):
     """The function named by "module:function", e.g. "lmschool.world.teacher:reward". It must take
     (prompts, responses) and return one float per pair."""
@@ -133,7 +94,7 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
                          ) -> tuple[dict, list[dict]]:
     """Answer every row's prompt and judge the answers. Returns (summary, records).
 
-    rows: dicts with "prompt" (messages ending in a user turn; see read_eval_rows), optional
+    rows: dicts with "prompt" (messages ending in a user turn; see data.prompts.read_prompts), optional
     "category" and "heldout". scorer: a `Teacher` (its rubric parts give the correctness figures)
     or a function (prompts, responses) -> list[float].
 
@@ -158,7 +119,7 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
     was_training = model.training
     model.eval()
     usable = [i for i, p in enumerate(prompts) if len(p) < context]
-    outs = sample_answers(model, tokenizer, [prompts[i] for i in usable], samples=1, max_new_tokens=max_new_tokens,
+    outs = sample_responses(model, tokenizer, [prompts[i] for i in usable], samples=1, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed, temperature=temperature)
     answers = {i: (tokens, bool(tokens) and tokens[-1] == tokenizer.im_end_id) for i, tokens in zip(usable, outs)}
     model.train(was_training)
@@ -254,7 +215,7 @@ def _judge(scorer, prompts: list, responses: list[str]) -> tuple[list[float], li
 
 
 @torch.no_grad()
-def sample_answers(model, tokenizer, prompts: list[list[int]], *, samples: int, max_new_tokens: int,
+def sample_responses(model, tokenizer, prompts: list[list[int]], *, samples: int, max_new_tokens: int,
                    batch_size: int, seed: int = 0, temperature: float = 1.0) -> list[list[int]]:
     """`samples` answers (token ids, up to and including a stop token) per prompt from `model` at
     `temperature`, in prompt-major order: answer k of prompt i is at i * samples + k. Prompts are
@@ -262,7 +223,7 @@ def sample_answers(model, tokenizer, prompts: list[list[int]], *, samples: int, 
     batch's position, so two models asked with the same seed share their random numbers."""
     from lmschool.generate import generate
 
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    pad_id = tokenizer.fill_id
     context = model.config.max_position_embeddings
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[tuple[int, int], list[int]] = {}
@@ -301,17 +262,6 @@ def sequence_logratios(policy, reference, pad_id: int, rows: list[tuple[list[int
             logratio.update(zip(chunk, diff.tolist()))
     policy.train(was[0]), reference.train(was[1])
     return [logratio[i] for i in range(len(rows))]
-
-
-def sampled_logratios(policy, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-                      batch_size: int, samples: int = 1, seed: int = 0) -> tuple[list[float], list[int]]:
-    """Sample `samples` answers per prompt from `policy` at temperature 1 and return, per answer
-    (prompt-major order), log pi(y|x) - log pi_ref(y|x) in nats and its token count."""
-    answers = sample_answers(policy, tokenizer, prompts, samples=samples, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, seed=seed)
-    rows = [(list(prompts[n // samples]) + a, len(prompts[n // samples])) for n, a in enumerate(answers)]
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    return sequence_logratios(policy, reference, pad_id, rows, batch_size=batch_size), [len(a) for a in answers]
 
 
 def _wins(scores: list[float], reference: list[float]) -> list[float]:
@@ -405,11 +355,11 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, 
     usable = [i for i in judged if len(prompts[i]) < policy.config.max_position_embeddings]
     asked = [prompts[i] for i in usable]
     n = kl_samples
-    mine = sample_answers(policy, tokenizer, asked, samples=n, max_new_tokens=max_new_tokens,
+    mine = sample_responses(policy, tokenizer, asked, samples=n, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed + 1)
-    theirs = sample_answers(reference, tokenizer, asked, samples=n, max_new_tokens=max_new_tokens,
+    theirs = sample_responses(reference, tokenizer, asked, samples=n, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, seed=seed + 1)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    pad_id = tokenizer.fill_id
     logratios = sequence_logratios(policy, reference, pad_id,
                                    [(list(asked[m // n]) + a, len(asked[m // n])) for m, a in enumerate(mine)],
                                    batch_size=batch_size)

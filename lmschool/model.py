@@ -254,7 +254,6 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.gradient_checkpointing = False
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None):
         """input_ids (B, T) -> hidden states (B, T, C)."""
@@ -272,11 +271,7 @@ class Backbone(nn.Module):
         x = self.embed_tokens(input_ids)                                             # (B, T, C)
         cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]                # (b, 1, T, D)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, None,
-                                                      use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, attn_mask, cache)
+            x = layer(x, cos, sin, attn_mask, cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)

@@ -38,8 +38,6 @@ from typing import Callable
 from lmschool.checkpoint import atomic_write_text
 from lmschool.errors import UserError
 
-HELP = "run the whole pipeline on the school world (world, pre-training, SFT, feedback) and write a report"
-
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEACHER = "teacher"  # lmschool ppo: the school world's teacher of the world.json beside --prompts
 

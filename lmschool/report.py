@@ -29,8 +29,6 @@ from pathlib import Path
 from lmschool.checkpoint import atomic_write_text
 from lmschool.errors import UserError
 
-HELP = "write report.md, report.json and plots for a `lmschool run` directory"
-
 POLICY_STAGES = ["dpo", "ipo", "simpo", "ppo", "grpo"]
 STAGES = ["world", "pretrain", "sft", "label", "reward", *POLICY_STAGES]
 TRAINING_STAGES = ["pretrain", "sft", "reward", *POLICY_STAGES]
@@ -365,7 +363,7 @@ def pretrain_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens:
     ids = [tokenizer.render(p, add_generation_prompt=True)[0][-(context - max_new_tokens):] for p in prompts]
     with torch.no_grad():
         out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
-                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.fill_id)
     return [tokenizer.decode(t, skip_special=True).strip() for t in out.tokens]
 
 
@@ -727,7 +725,6 @@ def render_markdown(report: dict) -> str:
     lines += ["## Machine and versions", ""]
     lines += _table(["", ""], [[k, str(v)] for k, v in report["machine"].items()]) + [""]
     return "\n".join(lines)
-
 
 
 # ---- the report ----------------------------------------------------------------------------

@@ -183,6 +183,12 @@ class Tokenizer:
         self.bos_id = self._config_token_id("bos_token")
         self.im_start_id, self.im_end_id = self._id_of(IM_START), self._id_of(IM_END)
 
+    @property
+    def fill_id(self) -> int:
+        """The id that fills padded positions: pad_id, or 0 for a tokenizer without a pad token
+        (padding is masked out of every loss and attention, so any id does)."""
+        return self.pad_id if self.pad_id is not None else 0
+
     # ---- loading and saving -------------------------------------------------------------------
 
     @classmethod
@@ -325,6 +331,41 @@ class Tokenizer:
             inside = span_index < len(spans) and spans[span_index][0] < token_end and token_start < token_end
             loss_mask.append(int(inside))
         return encoding.ids, loss_mask
+
+
+def check_same_tokenizer(theirs: Tokenizer, ours: Tokenizer, theirs_name: str, ours_name: str) -> None:
+    """A second model that reads the first one's token ids (a DPO reference, a reward model) must
+    read them as the same tokens: same vocabulary (added tokens included) and the same stop ids.
+    theirs_name / ours_name say where each came from, e.g. "--reward runs/rm", "--init runs/sft"."""
+    a = ours.backend.get_vocab(with_added_tokens=True)
+    b = theirs.backend.get_vocab(with_added_tokens=True)
+    if a == b and ours.stop_ids == theirs.stop_ids:
+        return
+    differ = sorted(set(a.items()) ^ set(b.items()))[:3]
+    raise UserError(f"{theirs_name} has another tokenizer than {ours_name} ({len(b)} vs {len(a)} tokens; "
+                    f"differing entries such as {differ}); it must read the same token ids, so give one "
+                    "trained from the same checkpoint, with the same tokenizer")
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is whole: decode all ids so far and return the new
+    suffix, holding back a trailing partial UTF-8 character (decoded as U+FFFD) until it completes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special=True)
+        new, self.text = text[len(self.text):], text
+        return new
 
 
 def check_chat_tokenizer(tokenizer: Tokenizer, path) -> None:

@@ -20,14 +20,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol
 
-import numpy as np
 import torch
 
 from lmschool import distributed
@@ -36,6 +33,8 @@ from lmschool.checkpoint import (latest_checkpoint, load_training_state, save_mo
 from lmschool.config import check
 from lmschool.errors import UserError
 from lmschool.optim import build_optimizer, lr_at
+from lmschool.runtime import (Progress, autocast, pick_device, resolve_precision, rng_state, set_rng_state,
+                              to_device)
 
 
 @dataclass
@@ -110,79 +109,6 @@ class TrainingDiverged(UserError):
     """The loss or gradient became NaN/inf; weights were not updated."""
 
 
-def autocast(device: torch.device, precision: str):
-    if resolve_precision(device, precision) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """'auto' -> bf16 where the hardware runs it fast (CUDA with bf16; CPUs with AVX512-BF16 or
-    AMX, through oneDNN), else fp32. Weights and optimizer state stay fp32 either way."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        try:
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        except (AttributeError, RuntimeError):
-            return "fp32"
-    return "fp32"
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def rng_state() -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(state["python"]) if isinstance(state["python"], list) else state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Progress:
-    """A tqdm bar on a terminal; plain lines (every log_every steps) in logs and CI."""
-
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        self.enabled, self.tty = enabled, sys.stderr.isatty()
-        self.total, self.start, self.t0 = total, initial, time.time()
-        self.bar = None
-        if enabled and self.tty:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
-        self.desc = desc
-
-    def update(self, step: int, metrics: dict, log_line: bool) -> None:
-        if not self.enabled:
-            return
-        show = {k: metrics[k] for k in ("loss", "lr") if k in metrics}
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in show.items()}, refresh=False)
-        elif log_line:
-            done = step - self.start
-            eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
-            text = " ".join(f"{k} {v:.4g}" for k, v in show.items())
-            print(f"[{self.desc}] step {step}/{self.total} {text} eta {eta:.0f}s", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Trainer:
     """Owns the optimizer, precision, DDP wrapping, checkpoints and metrics for one model."""
 
@@ -190,7 +116,7 @@ class Trainer:
                  *, tokenizer=None, extra: dict | None = None, dist: distributed.Dist | None = None,
                  desc: str = "train", progress: bool = True):
         self.cfg, self.loss_fn, self.run_dir = cfg, loss_fn, Path(run_dir)
-        self.dist = dist or distributed.Dist(device=distributed.pick_device(cfg.device))
+        self.dist = dist or distributed.Dist(device=pick_device(cfg.device))
         self.device = self.dist.device
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

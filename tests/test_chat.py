@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from lmschool.chat import Chat, TextStream, repl
+from lmschool.commands.chat import Chat, repl
+from lmschool.tokenizer import TextStream
 from lmschool.model import ModelConfig, build_model
 from lmschool.tokenizer import train_tokenizer
 

@@ -16,7 +16,8 @@ from lmschool.checkpoint import model_extra, save_model
 from lmschool.cli import main
 from lmschool.data.preference import PairBatches, collate_rows, pair_batch, read_pairs
 from lmschool.data.unpaired import UnpairedBatches, kl_partners, read_unpaired
-from lmschool.evaluate import evaluate_generations, read_eval_rows, school_teacher
+from lmschool.data.prompts import read_prompts
+from lmschool.evaluate import evaluate_generations, school_teacher
 from lmschool.losses.preference import LOSSES, sequence_logprobs
 from lmschool.model import ModelConfig, build_model
 from lmschool.stages.dpo import DPOConfig, make_loss_fn, reference_logprobs
@@ -31,7 +32,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from lmschool.world.generate import write
+    from lmschool.world.build import write
     out = tmp_path_factory.mktemp("world") / "w"
     write(out, seed=0, preset_name="tiny")
     return out
@@ -53,7 +54,7 @@ def sft_run(tok, world, tmp_path_factory):
     run = tmp_path_factory.mktemp("sft") / "sft"
     model = build_model(tiny_config(tok), seed=0)
     save_model(run / "model", model, tok, {"stage": "sft"})
-    rows = read_eval_rows(world / "eval.jsonl")
+    rows = read_prompts(world / "eval.jsonl")
     _, records = evaluate_generations(model.eval(), tok, rows, school_teacher(world / "eval.jsonl"), max_new_tokens=12)
     (run / "eval_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from lmschool.errors import UserError
-from lmschool.evaluate import evaluate_generations, evaluate_policy, read_eval_rows, sampled_logratios, school_teacher
+from lmschool.data.prompts import read_prompts
+from lmschool.evaluate import (evaluate_generations, evaluate_policy, sample_responses, school_teacher,
+                               sequence_logratios)
 from lmschool.generate import Generation, generate
 from lmschool.model import ModelConfig, build_model
 from lmschool.tokenizer import train_tokenizer
@@ -27,7 +29,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from lmschool.world.generate import write
+    from lmschool.world.build import write
     out = tmp_path_factory.mktemp("world") / "w"
     write(out, seed=0, preset_name="tiny")
     return out
@@ -78,7 +80,7 @@ def test_sft_figures_are_judged_afresh_and_read_answers_equal_generated_ones(tok
     """The policy answers with the world's reference answers (the teacher's best), the SFT model
     answers "No." to everything: every SFT answer is judged worse, refusals included ("No." is a
     refusal without a reason: safety 0.5, so not correct)."""
-    rows = read_eval_rows(world / "eval.jsonl")
+    rows = read_prompts(world / "eval.jsonl")
     rendered = {tuple(tok.render(r["prompt"], add_generation_prompt=True)[0]): r["reference"] for r in rows}
     policy, sft = tiny_model(tok, 0), tiny_model(tok, 1)
     monkeypatch.setattr("lmschool.generate.generate", fake_generation(
@@ -115,6 +117,13 @@ def test_sft_figures_are_judged_afresh_and_read_answers_equal_generated_ones(tok
         evaluate_policy(policy, sft, tok, rows, teacher, reference_records=sft_records[:1], kl_samples=0)
 
 
+def sampled_logratios(policy, reference, tok, prompts, samples):
+    """What evaluate_policy's KL estimate does: sample answers at T = 1, then log-ratio each."""
+    answers = sample_responses(policy, tok, prompts, samples=samples, max_new_tokens=12, batch_size=8, seed=5)
+    rows = [(list(prompts[n // samples]) + a, len(prompts[n // samples])) for n, a in enumerate(answers)]
+    return sequence_logratios(policy, reference, tok.pad_id, rows, batch_size=8), [len(a) for a in answers]
+
+
 def test_kl_estimate_equals_generation_log_probs_against_a_uniform_reference(tok):
     """A reference whose LM head is zero gives every token probability 1/V, so for an answer of
     n tokens log pi_ref(y|x) = -n log V and the log-ratio is log pi(y|x) + n log V. log pi(y|x)
@@ -128,15 +137,13 @@ def test_kl_estimate_equals_generation_log_probs_against_a_uniform_reference(tok
                       for q in ("hi", "what is two plus two?", "tell me a story")], key=len)
     gen = generate(policy, prompts, max_new_tokens=12, temperature=1.0, stop_ids=tok.stop_ids,
                    pad_id=tok.pad_id, seed=5, return_logprobs=True)
-    logratios, lengths = sampled_logratios(policy, reference, tok, prompts, max_new_tokens=12, batch_size=8,
-                                           samples=1, seed=5)
+    logratios, lengths = sampled_logratios(policy, reference, tok, prompts, samples=1)
     V = policy.config.vocab_size
     assert lengths == [len(t) for t in gen.tokens]
     for got, lps in zip(logratios, gen.logprobs):
         assert got == pytest.approx(sum(lps) + len(lps) * math.log(V), abs=1e-3)
     # two samples per prompt: prompt-major order, the first sample the same as above
-    two, lengths2 = sampled_logratios(policy, reference, tok, prompts, max_new_tokens=12, batch_size=8,
-                                      samples=2, seed=5)
+    two, lengths2 = sampled_logratios(policy, reference, tok, prompts, samples=2)
     assert len(two) == 6 and two[0::2] == pytest.approx(logratios, abs=1e-5) and lengths2[0::2] == lengths
 
 

@@ -208,7 +208,7 @@ def test_reward_model_with_another_tokenizer_is_refused(tok, ckpt, prompts, tmp_
     path = tmp_path / "rm"
     save_model(path, build_model(tiny_config(other), head="score"), other, {"kind": "reward", "reward_bias": 0.0})
     ppo(ckpt, prompts, tmp_path / "run", reward=("--reward", str(path)), expect=2)
-    assert "tokenizer differs" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert "has another tokenizer than --init" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("spec, message", [

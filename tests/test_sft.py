@@ -17,7 +17,8 @@ from lmschool.cli import main
 from lmschool.data.sft import (SFTBatches, best_fit_decreasing, load_examples, make_example, pack_batch,
                                pad_batch, render_row)
 from lmschool.errors import DataError
-from lmschool.evaluate import evaluate_generations, read_eval_rows, school_teacher
+from lmschool.data.prompts import read_prompts
+from lmschool.evaluate import evaluate_generations, school_teacher
 from lmschool.generate import Generation, generate
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
 from lmschool.model import ModelConfig, build_model
@@ -335,7 +336,7 @@ def test_checkpoint_without_chat_tokens_is_a_clear_error(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from lmschool.world.generate import write
+    from lmschool.world.build import write
     out = tmp_path_factory.mktemp("world") / "w"
     write(out, seed=0, preset_name="tiny")
     return out
@@ -344,7 +345,7 @@ def world(tmp_path_factory):
 def test_figures_of_a_model_that_answers_with_the_references(tok, world, monkeypatch):
     """A stand-in for generate that answers every prompt with its reference (then <|im_end|>): the
     teacher finds every answer right; one that never stops has an end-of-turn rate of 0."""
-    rows = read_eval_rows(world / "eval.jsonl")
+    rows = read_prompts(world / "eval.jsonl")
     by_prompt = {json.dumps(r["prompt"]): r["reference"] for r in rows}
     rendered = {tuple(tok.render(r["prompt"], add_generation_prompt=True)[0]): r["reference"] for r in rows}
     assert len(by_prompt) == len(rows)

@@ -17,7 +17,7 @@ import pytest
 from lmschool.cli import main
 from lmschool.world.corpus import DOC_END
 from lmschool.world.facts import FACT_TYPES, VOCAB, build_world
-from lmschool.world.generate import FILES, build, completion_probes, write
+from lmschool.world.build import FILES, build, completion_probes, write
 from lmschool.world.numbers import parse_numbers, to_words
 from lmschool.world.presets import CATEGORIES, FACT_CATEGORIES, PRESETS, get_preset
 from lmschool.world.teacher import Teacher

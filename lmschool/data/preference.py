@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmschool.data.sft import check_conversation, read_jsonl
+from lmschool.data.jsonl import check_conversation, read_jsonl
 from lmschool.errors import DataError, UserError
 from lmschool.losses.lm import IGNORE
 
@@ -190,10 +190,6 @@ def encode_pair(tokenizer, pair: Pair, max_len: int) -> tuple[tuple[list[int], i
     return chosen, rejected
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_id if tokenizer.pad_id is not None else 0
-
-
 def pair_batch(tokenizer, pairs: list[Pair], max_len: int, pad_multiple: int = 1) -> dict:
     """One batch of 2B rows: 0..B-1 the chosen answers, B..2B-1 the rejected ones, right-padded.
 
@@ -202,7 +198,7 @@ def pair_batch(tokenizer, pairs: list[Pair], max_len: int, pad_multiple: int = 1
     long: each row's final token (<|im_end|>), where a reward model reads its score;
     response_len (2B,) long; num_targets = B (the losses are means over pairs); num_tokens."""
     encoded = [encode_pair(tokenizer, p, max_len) for p in pairs]
-    return collate_pairs(encoded, _pad_id(tokenizer), pad_multiple)
+    return collate_pairs(encoded, tokenizer.fill_id, pad_multiple)
 
 
 def collate_pairs(encoded: list[tuple], pad_id: int, pad_multiple: int = 1) -> dict:
@@ -245,7 +241,7 @@ def response_batch(tokenizer, prompts: list[list[dict]], responses: list[str], m
     every last_index is T - 1."""
     rows = [fit_to_length(*encode_response(tokenizer, p, r), max_len, f"answer {i}")
             for i, (p, r) in enumerate(zip(prompts, responses))]
-    batch = collate_rows(rows, _pad_id(tokenizer))
+    batch = collate_rows(rows, tokenizer.fill_id)
     if padding_side == "right":
         return batch
     if padding_side != "left":
@@ -306,7 +302,7 @@ class PairBatches:
         if not pairs:
             raise DataError("there are no training pairs")
         self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
-        self.pad_id, self.pad_multiple, self.unique_rows = _pad_id(tokenizer), pad_multiple, unique_rows
+        self.pad_id, self.pad_multiple, self.unique_rows = tokenizer.fill_id, pad_multiple, unique_rows
         self.encoded = [encode_pair(tokenizer, p, max_len) for p in pairs]
         self.margins = None  # the lines' "margin" (a gap the reward model must exceed), if any has one
         if any("margin" in p.meta for p in pairs):

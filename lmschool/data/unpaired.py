@@ -30,7 +30,7 @@ import torch
 
 from lmschool.data.preference import (SPLITS, collate_rows, encode_response, fit_to_length, parse_pair,
                                       read_answer, step_indices)
-from lmschool.data.sft import check_conversation, read_jsonl
+from lmschool.data.jsonl import check_conversation, read_jsonl
 from lmschool.errors import DataError
 
 FORMAT_HINT = ('expected {"prompt": "..." | [messages ending with a user turn], "completion": "..." | '
@@ -134,7 +134,7 @@ class UnpairedBatches:
         if len(examples) < 2:
             raise DataError(f"there are {len(examples)} training answers; KTO needs at least two")
         self.examples, self.batch_size, self.seed, self.pad_multiple = examples, batch_size, seed, pad_multiple
-        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        self.pad_id = tokenizer.fill_id
         self.partner = kl_partners(len(examples), seed)
         self.rows = [fit_to_length(*encode_response(tokenizer, c.prompt, c.completion), max_len, c.meta["where"])
                      for c in examples]

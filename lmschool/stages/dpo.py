@@ -49,18 +49,18 @@ from lmschool import distributed
 from lmschool.checkpoint import atomic_write_text, load_model, model_extra, read_config, resolve
 from lmschool.config import check
 from lmschool.data.preference import PairBatches, read_pairs
-from lmschool.data.sft import read_jsonl
+from lmschool.data.jsonl import read_jsonl
 from lmschool.data.unpaired import UnpairedBatches, check_labels, read_unpaired
 from lmschool.errors import UserError
-from lmschool.evaluate import evaluate_policy, load_scorer, read_eval_rows, school_teacher
+from lmschool.data.prompts import read_prompts
+from lmschool.evaluate import evaluate_policy, load_scorer, school_teacher
 from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, kto_kl, needs_reference,
                                         paired_loss, sequence_logprobs)
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
-from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
-from lmschool.trainer import TrainConfig, autocast, fit, resolve_precision
-
-HELP = "stage 3: learn from preference pairs directly (DPO, IPO, cDPO, robust DPO, SimPO, ORPO, KTO)"
+from lmschool.tokenizer import Tokenizer, check_chat_tokenizer, check_same_tokenizer
+from lmschool.runtime import autocast, resolve_precision
+from lmschool.trainer import TrainConfig, fit
 
 LossName = Literal["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto"]
 
@@ -165,18 +165,6 @@ def check_policy_checkpoint(path: Path, flag: str) -> None:
     if model_extra(path).get("kind") == "reward" or any("SequenceClassification" in a for a in architectures):
         raise UserError(f"{flag} {path} is a reward model (a scalar score head, not a language model); "
                         "give the SFT checkpoint, e.g. --init runs/sft")
-
-
-def check_same_tokenizer(policy: Tokenizer, reference: Tokenizer, policy_dir: Path, reference_dir: Path) -> None:
-    """The reference scores the policy's token ids, so both must read them as the same tokens."""
-    a = policy.backend.get_vocab(with_added_tokens=True)
-    b = reference.backend.get_vocab(with_added_tokens=True)
-    if a == b and policy.stop_ids == reference.stop_ids:
-        return
-    differ = sorted(set(a.items()) ^ set(b.items()))[:3]
-    raise UserError(f"--reference {reference_dir} has another tokenizer than --init {policy_dir} "
-                    f"({len(a)} vs {len(b)} tokens; differing entries such as {differ}); the reference must "
-                    "read the policy's token ids, so give a reference trained with the same tokenizer")
 
 
 def find_reference_answers(args: argparse.Namespace) -> tuple[Path | None, bool]:
@@ -319,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
     check_chat_tokenizer(tokenizer, init)
     if args.reference:
         check_policy_checkpoint(reference_dir, "--reference")
-        check_same_tokenizer(tokenizer, Tokenizer.load(reference_dir), init, reference_dir)
+        check_same_tokenizer(Tokenizer.load(reference_dir), tokenizer, f"--reference {reference_dir}",
+                             f"--init {init}")
     context = int(read_config(init).get("max_position_embeddings", 0)) or None
     if cfg.max_len is None:
         if context is None:
@@ -334,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data}: every line is in the \"test\" split; nothing to train on")
     if cfg.loss == "kto":
         check_labels(train, args.data)
-    eval_rows = read_eval_rows(args.eval) if args.eval else None
+    eval_rows = read_prompts(args.eval) if args.eval else None
     scorer = reference_records = None
     if eval_rows is not None:
         scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.eval)

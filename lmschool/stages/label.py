@@ -53,8 +53,6 @@ from lmschool.checkpoint import atomic_write_text, load_model, resolve
 from lmschool.config import check
 from lmschool.errors import UserError
 
-HELP = "stage 3: sample K answers per prompt from a policy, rank them with a rater, write preference pairs"
-
 
 @dataclass
 class LabelConfig:
@@ -151,18 +149,18 @@ class Answer:
     finished: bool       # ended with a stop token (not cut by max_new_tokens)
 
 
-def sample_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: LabelConfig, *, progress: bool = True
+def draw_candidates(model, tokenizer, prompt_ids: list[list[int]], cfg: LabelConfig, *, progress: bool = True
                    ) -> list[list[Answer]]:
     """K answers per prompt (see the module docstring for the batching and seeding)."""
     from lmschool.generate import generate
-    from lmschool.trainer import Progress
+    from lmschool.runtime import Progress
 
     K, context = cfg.samples, model.config.max_position_embeddings
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
     items = [i for i in order for _ in range(K)]                              # K copies, adjacent
     chunks = [items[s:s + cfg.batch_size] for s in range(0, len(items), cfg.batch_size)]
     answers: list[list[Answer]] = [[] for _ in prompt_ids]
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    pad_id = tokenizer.fill_id
     bar = Progress(len(chunks), 0, "label", progress)
     every = max(1, len(chunks) // 10)
     try:
@@ -269,13 +267,14 @@ def rate(rows: list[dict], answers: list[list[Answer]], scorer) -> list[list[flo
 # ---- the command ------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from lmschool.distributed import pick_device
-    from lmschool.evaluate import load_scorer, read_eval_rows, school_teacher
+    from lmschool.runtime import pick_device
+    from lmschool.data.prompts import read_prompts
+    from lmschool.evaluate import load_scorer, school_teacher
     from lmschool.generate import compile_for_generation
     from lmschool.checkpoint import check_kind
     from lmschool.tokenizer import check_chat_tokenizer
     from lmschool.tokenizer import Tokenizer
-    from lmschool.trainer import autocast, resolve_precision
+    from lmschool.runtime import autocast, resolve_precision
     from lmschool.world.teacher import RATER_TEMPERATURE
 
     cfg = load_config(args)
@@ -297,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     check_kind(policy, "policy", "--policy")
     tokenizer = Tokenizer.load(policy)
     check_chat_tokenizer(tokenizer, policy)
-    rows = read_eval_rows(args.prompts)
+    rows = read_prompts(args.prompts)
     if cfg.max_prompts:
         rows = rows[:cfg.max_prompts]
     scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.prompts)
@@ -321,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
 
     t_sample = time.time()
     with autocast(device, precision):
-        answers = sample_answers(sampler, tokenizer, prompt_ids, cfg)
+        answers = draw_candidates(sampler, tokenizer, prompt_ids, cfg)
     sample_seconds = time.time() - t_sample
     t_rate = time.time()
     scores = rate(rows, answers, scorer)

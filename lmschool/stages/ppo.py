@@ -67,8 +67,9 @@ from lmschool.checkpoint import (atomic_write_text, check_kind, latest_checkpoin
                                  load_training_state, model_extra, read_config, resolve, save_model,
                                  save_training_checkpoint)
 from lmschool.config import check
-from lmschool.errors import DataError, UserError
-from lmschool.evaluate import load_scorer, read_eval_rows, school_teacher
+from lmschool.errors import UserError
+from lmschool.data.prompts import encode_prompts, read_prompts
+from lmschool.evaluate import load_scorer, school_teacher
 from lmschool.generate import generate
 from lmschool.losses.lm import lm_loss
 from lmschool.losses.ppo import (ADVANTAGES, KLController, explained_variance, gae, kl_penalty,
@@ -76,11 +77,10 @@ from lmschool.losses.ppo import (ADVANTAGES, KLController, explained_variance, g
 from lmschool.optim import build_optimizer, lr_at
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
-from lmschool.tokenizer import Tokenizer
-from lmschool.trainer import (Progress, TrainConfig, autocast, resolve_precision, rng_state,
-                              set_rng_state, truncate_metrics)
-
-HELP = "stage 3c: PPO against a reward model or scorer; GRPO and RLOO (critic-free) in the same loop"
+from lmschool.tokenizer import Tokenizer, check_same_tokenizer
+from lmschool.runtime import (Progress, autocast, pick_device, resolve_precision, rng_state,
+                              set_rng_state)
+from lmschool.trainer import TrainConfig, truncate_metrics
 
 
 @dataclass
@@ -247,23 +247,12 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_same_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
-    """The reward model must read the policy's token ids: its vocabulary must be the policy's."""
-    ours = tokenizer.backend.get_vocab(with_added_tokens=True)
-    theirs = Tokenizer.load(path).backend.get_vocab(with_added_tokens=True)
-    if ours != theirs:
-        differ = sorted(t for t in set(ours) | set(theirs) if ours.get(t) != theirs.get(t))
-        raise UserError(f"--reward {path}: its tokenizer differs from --init's ({len(theirs)} vs {len(ours)} "
-                        f"tokens, {len(differ)} differ, e.g. {differ[:3]}); the reward model must read "
-                        "the policy's token ids: train it from the same SFT run")
-
-
 class ModelReward:
     """A frozen reward model: score at the answer's last token minus its reward_bias."""
 
     def __init__(self, path: Path, tokenizer: Tokenizer, device):
         check_kind(path, "reward", "--reward")
-        check_same_tokenizer(path, tokenizer)
+        check_same_tokenizer(Tokenizer.load(path), tokenizer, f"--reward {path}", "--init")
         self.model = disable_dropout(load_model(path, head="score")).to(device).eval().requires_grad_(False)
         self.bias = float(model_extra(path).get("reward_bias", 0.0))
         self.tokenizer, self.name = tokenizer, str(path)
@@ -285,7 +274,7 @@ class ModelReward:
                 for p, t in zip(prompts, texts)]
         context = self.model.config.max_position_embeddings
         seqs = [s[-context:] for s in seqs]
-        batch = Rollout.build(seqs, [len(s) - 1 for s in seqs], tok.pad_id or 0,
+        batch = Rollout.build(seqs, [len(s) - 1 for s in seqs], tok.fill_id,
                               next(self.model.parameters()).device)
         return self.of_rollout(batch, prompts, texts, chunk).tolist()
 
@@ -425,7 +414,7 @@ class PPO:
         self.teacher, self.ptx = teacher, ptx
         self.eval_rows: list[dict] | None = None   # for eval_every
         self.precision = resolve_precision(device, cfg.precision)
-        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        self.pad_id = tokenizer.fill_id
         betas = (cfg.beta1, cfg.beta2)
         self.policy_opt = build_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas)
         self.critic_opt = (build_optimizer(critic, lr=cfg.critic_lr, weight_decay=cfg.weight_decay, betas=betas)
@@ -682,20 +671,6 @@ def _clip_and_step(model, optimizer, grad_clip: float) -> float:
 
 # ---- the command ---------------------------------------------------------------------------------
 
-def read_prompts(path: Path, tokenizer: Tokenizer, context: int, max_new_tokens: int
-                 ) -> tuple[list[dict], list[list[int]]]:
-    """The prompt rows and their token ids (chat template + assistant header). A prompt that
-    leaves fewer than max_new_tokens positions of the context is a DataError naming its line."""
-    rows = read_eval_rows(path)
-    ids = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
-    for row, p in zip(rows, ids):
-        if len(p) + max_new_tokens > context:
-            raise DataError(f"{row['where']}: the prompt is {len(p)} tokens; with max_new_tokens="
-                            f"{max_new_tokens} it needs {len(p) + max_new_tokens} positions, more than "
-                            f"the model's context of {context}; shorten the prompt or lower max_new_tokens")
-    return rows, ids
-
-
 def sft_run_files(init_arg: str | Path) -> tuple[dict | None, list[dict] | None]:
     """SFT's summary.json and eval_answers.jsonl beside --init (a run dir or its model/ subdir)."""
     p = Path(init_arg)
@@ -729,8 +704,9 @@ def run(args: argparse.Namespace) -> int:
     if not tokenizer.has_chat_tokens:
         raise UserError(f"--init {init}: its tokenizer lacks the chat tokens; PPO samples chat answers")
     context = int(read_config(init).get("max_position_embeddings", 0)) or 0
-    prompts, prompt_ids = read_prompts(args.prompts, tokenizer, context, cfg.max_new_tokens)
-    eval_rows = read_eval_rows(args.eval) if args.eval else None
+    prompts = read_prompts(args.prompts)
+    prompt_ids = encode_prompts(prompts, tokenizer, context=context, max_new_tokens=cfg.max_new_tokens)
+    eval_rows = read_prompts(args.eval) if args.eval else None
     if cfg.ptx_coef > 0 and not args.ptx:
         raise UserError("ptx_coef > 0 needs --ptx FILE (pre-training text for PPO-ptx)")
     if args.ptx and cfg.ptx_coef == 0:
@@ -738,7 +714,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ptx:
         from lmschool.data.text import check_data
         check_data(args.ptx)
-    device = distributed.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     reward = make_reward(args, tokenizer, device)   # checks --reward's kind and tokenizer, --scorer's import

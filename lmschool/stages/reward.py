@@ -59,8 +59,6 @@ from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config,
 from lmschool.tokenizer import Tokenizer
 from lmschool.trainer import TrainConfig, fit
 
-HELP = "stage 3a: train a reward model on preference pairs (Bradley-Terry)"
-
 
 @dataclass
 class RewardConfig(TrainConfig):

@@ -43,14 +43,14 @@ from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
 from lmschool.data.text import check_data
 from lmschool.errors import UserError
-from lmschool.evaluate import evaluate_generations, load_scorer, read_eval_rows, school_teacher
+from lmschool.data.prompts import read_prompts
+from lmschool.evaluate import evaluate_generations, load_scorer, school_teacher
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
 from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
-from lmschool.trainer import TrainConfig, autocast, fit
-
-HELP = "stage 2: supervised fine-tuning on chat conversations (loss on the answers)"
+from lmschool.runtime import autocast
+from lmschool.trainer import TrainConfig, fit
 
 
 @dataclass
@@ -123,7 +123,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
 
 
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(SFTConfig, args)
     timer = Timer()
@@ -142,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                         f"(max_position_embeddings {context}); use at most {context}")
     examples, stats = load_examples(args.data, tokenizer, cfg.max_seq_len, loss_on=cfg.loss_on,
                                     truncation=cfg.truncation)
-    eval_rows = read_eval_rows(args.eval) if args.eval else None
+    eval_rows = read_prompts(args.eval) if args.eval else None
     scorer = None
     if eval_rows is not None:
         scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.eval)
@@ -150,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         check_data(args.replay)  # readable, UTF-8, not empty
     train, val = split_examples(examples, cfg.val_fraction, cfg.seed)
     dist = distributed.init(cfg.device)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    pad_id = tokenizer.fill_id
     data = SFTBatches(train, cfg.batch_size, seed=cfg.seed, packing=cfg.packing, max_seq_len=cfg.max_seq_len,
                       bucket_batches=cfg.bucket_batches, pad_id=pad_id, pad_multiple=cfg.pad_multiple)
     global_batch = cfg.batch_size * cfg.grad_accum * dist.world_size

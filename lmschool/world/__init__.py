@@ -2,14 +2,14 @@
 
 A seeded generator invents pupils and their facts (facts.py), and writes a pre-training corpus
 (corpus.py), SFT conversations, RL prompts, preference pairs and eval sets (dialogues.py) into a
-directory with `lmschool world --out DIR` (command.py, generate.py). The teacher (teacher.py)
+directory with `lmschool world --out DIR` (lmschool/commands/world.py, build.py). The teacher (teacher.py)
 scores any (prompt, response) against the facts and, with Bradley-Terry noise, plays the human
 rater.
 
 Public API for the other stages:
-    lmschool.world.generate.write(out, seed=0, preset_name="default", force=False) -> summary
-    lmschool.world.generate.build(seed, preset_name) -> (files: {name: text}, summary)
-    lmschool.world.generate.completion_probes(world, heldout=None) -> [(prefix, answer)]
+    lmschool.world.build.write(out, seed=0, preset_name="default", force=False) -> summary
+    lmschool.world.build.build(seed, preset_name) -> (files: {name: text}, summary)
+    lmschool.world.build.completion_probes(world, heldout=None) -> [(prefix, answer)]
     lmschool.world.teacher.score(prompt, response) -> Score(total, parts)
     lmschool.world.teacher.prefer(prompt, a, b, rng) -> 0 | 1
     lmschool.world.teacher.reward(prompts, responses) -> [float]

@@ -75,7 +75,7 @@ def readme(world: dict, preset: Preset, summary: dict, doc_end: str) -> str:
         "",
         f"Each pupil has {preset.profiles_per_pupil} profile(s); the first states every fact in "
         "the probe phrasing (\"Mia Smith lives in Oakford.\", used by "
-        "`lmschool.world.generate.completion_probes`), the others a random four to seven facts in "
+        "`lmschool.world.build.completion_probes`), the others a random four to seven facts in "
         "random templates and orders, some by pronoun. Stories, fact lists, town pages, "
         "playground talk and quiz sheets state the same facts again in other contexts "
         "(knowledge augmentation, Allen-Zhu & Li, Physics of Language Models 3.1).",

@@ -22,8 +22,6 @@ from lmschool.data.text import check_data, iter_texts
 from lmschool.errors import UserError
 from lmschool.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
-HELP = "train a byte-level BPE tokenizer on text or JSONL files"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)

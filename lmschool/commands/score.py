@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "print a reward model's reward for a response to a prompt"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="reward model: run directory or model directory")
@@ -26,16 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmschool.checkpoint import load_model, resolve
-    from lmschool.data.sft import check_conversation
+    from lmschool.checkpoint import check_kind, load_model, resolve
+    from lmschool.data.jsonl import check_conversation
     from lmschool.errors import UserError
-    from lmschool.checkpoint import check_kind
+    from lmschool.runtime import pick_device
     from lmschool.stages.reward import reward_bias, score_responses
     from lmschool.tokenizer import Tokenizer
 
     path = resolve(args.checkpoint)
     check_kind(path, "reward", "`lmschool score`")
-    model = load_model(path, head="score", device=args.device).eval()
+    model = load_model(path, head="score", device=pick_device(args.device)).eval()
     tokenizer = Tokenizer.load(path)
     prompt = ([{"role": "system", "content": args.system}] if args.system else [])
     prompt.append({"role": "user", "content": args.prompt})

@@ -18,9 +18,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-HELP = "answer eval prompts with a checkpoint and judge them (school world teacher or --scorer)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,32 +34,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="bf16 autocast, fp32, or auto (bf16 where the hardware runs it fast; default)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
     from lmschool.checkpoint import atomic_write_text, load_model, resolve
     from lmschool.errors import UserError
-    from lmschool.evaluate import evaluate_generations, load_scorer, read_eval_rows, school_teacher
+    from lmschool.data.prompts import read_prompts
+    from lmschool.evaluate import evaluate_generations, load_scorer, school_teacher
     from lmschool.tokenizer import check_chat_tokenizer
     from lmschool.tokenizer import Tokenizer
-    from lmschool.trainer import autocast, resolve_precision
+    from lmschool.runtime import autocast, pick_device, resolve_precision
 
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0:
         raise UserError("--max-new-tokens and --batch-size must be >= 1 and --temperature >= 0")
     path = resolve(args.checkpoint)
     tokenizer = Tokenizer.load(path)
     check_chat_tokenizer(tokenizer, path)
-    rows = read_eval_rows(args.data)
+    rows = read_prompts(args.data)
     scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.data)
     for target in (args.out, args.answers):
         if target is not None and target.is_dir():
             raise UserError(f"{target} is a directory; give a file name")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     model = load_model(path, head="lm", device=device).eval()
 
-    precision = resolve_precision(torch.device(device), args.precision)
-    with autocast(torch.device(device), precision):
+    precision = resolve_precision(device, args.precision)
+    with autocast(device, precision):
         summary, records = evaluate_generations(model, tokenizer, rows, scorer, max_new_tokens=args.max_new_tokens,
                                                 batch_size=args.batch_size, temperature=args.temperature,
                                                 seed=args.seed)

@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
 from lmschool.errors import UserError
-
-HELP = "print a model's continuation of a prompt (streamed; --chat for a chat turn)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,18 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 = off (default)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1.0 = off (default)")
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="seed for reproducible samples")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:
     from lmschool.checkpoint import load_model, resolve
     from lmschool.generate import SamplingConfig, stream
-    from lmschool.tokenizer import Tokenizer
+    from lmschool.runtime import pick_device
+    from lmschool.tokenizer import TextStream, Tokenizer
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     path = resolve(args.checkpoint)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     model = load_model(path, head="lm", device=device).eval()
     tokenizer = Tokenizer.load(path)
 
@@ -69,16 +67,10 @@ def run(args: argparse.Namespace) -> int:
               f"model's context of {context} tokens", file=sys.stderr)
 
     kwargs = {**sampling.kwargs(), "max_new_tokens": max_new}
-    ids: list[int] = []
-    printed = ""
+    text = TextStream(tokenizer)
     for token in stream(model, prompt, stop_ids=stop, **kwargs):
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    text = tokenizer.decode(ids, skip_special=True)
-    sys.stdout.write(text[len(printed):] + "\n")
+        sys.stdout.write(text.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
     sys.stdout.flush()
     return 0

@@ -28,38 +28,14 @@ import argparse
 import sys
 from typing import TextIO
 
-import torch
 
 from lmschool.errors import UserError
-
-HELP = "talk with a chat model: streamed answers, /reset, /system, /temperature, /quit"
 
 COMMANDS_HELP = """commands:
   /reset           forget the conversation (the system message stays)
   /system TEXT     set the system message (empty TEXT removes it)
   /temperature T   sampling temperature from now on (0 = greedy)
   /quit            leave (so does Ctrl-D)"""
-
-
-class TextStream:
-    """Token ids in, text out as soon as it is whole: decode all ids so far and return the new
-    suffix, holding back a trailing partial UTF-8 character (decoded as U+FFFD) until it completes."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.text = text[len(self.text):], text
-        return new
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special=True)
-        new, self.text = text[len(self.text):], text
-        return new
 
 
 class Chat:
@@ -103,7 +79,8 @@ class Chat:
 
     def reply(self, text: str, write=lambda piece: None) -> str:
         from lmschool.generate import stream
-        from lmschool.trainer import autocast
+        from lmschool.runtime import autocast
+        from lmschool.tokenizer import TextStream
 
         self.turns.append({"role": "user", "content": text})
         prompt = self._prompt()
@@ -211,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling mass (default 0.9)")
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest answer (default 256)")
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="seed for reproducible answers")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="bf16 autocast, fp32, or auto (bf16 where the hardware runs it fast; default)")
 
@@ -219,6 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmschool.checkpoint import load_model, resolve
     from lmschool.generate import SamplingConfig
+    from lmschool.runtime import pick_device, resolve_precision
     from lmschool.tokenizer import Tokenizer
 
     SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -228,10 +206,9 @@ def run(args: argparse.Namespace) -> int:
     if not tokenizer.has_chat_tokens:
         raise UserError(f"{path}: its tokenizer lacks the chat tokens <|im_start|> and <|im_end|>, so it "
                         "cannot chat; use an SFT checkpoint (or `lmschool generate` for plain text)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     model = load_model(path, head="lm", device=device)
-    from lmschool.trainer import resolve_precision
     chat = Chat(model, tokenizer, system=args.system, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                precision=resolve_precision(torch.device(device), args.precision))
+                precision=resolve_precision(device, args.precision))
     return repl(chat, sys.stdin, sys.stdout, sys.stderr, interactive=sys.stdin.isatty())

@@ -1,7 +1,7 @@
 """`lmschool world --out DIR [--seed N] [--preset tiny|default] [--force]`: write the school world.
 
 The directory gets corpus.txt, sft.jsonl, prompts.jsonl, prefs.jsonl, eval.jsonl, world.json and
-README.md (see lmschool/world/generate.py). It is written beside DIR and renamed into place, so a
+README.md (see lmschool/world/build.py). It is written beside DIR and renamed into place, so a
 failed run changes nothing; a non-empty DIR is replaced only with --force.
 """
 
@@ -11,8 +11,6 @@ import argparse
 import time
 
 from lmschool.world.presets import PRESETS
-
-HELP = "write the built-in school world (corpus, conversations, preferences, eval sets)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmschool.world.generate import write
+    from lmschool.world.build import write
 
     start = time.perf_counter()
     summary = write(args.out, seed=args.seed, preset_name=args.preset, force=args.force)

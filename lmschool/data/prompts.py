@@ -1,0 +1,59 @@
+"""Prompts for the model to answer (RL prompts, labelling prompts, eval sets), read one way.
+
+Each line is {"prompt": "..." | [messages ending with a user turn]} with any other keys kept
+(category, heldout, expected ...), or {"messages": [...]} whose last user turn is the prompt and the
+assistant turn after it the "reference". `read_prompts` gives rows with "prompt" as a message
+list and "where" (file:line); `encode_prompts` renders them through the tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+from lmschool.data.jsonl import check_conversation, read_jsonl
+from lmschool.errors import DataError
+
+PROMPT_FORMAT = ('expected {"prompt": "..." | [messages ending with a user turn]} (optional: "category", '
+               '"heldout", "expected", "reference") or {"messages": [..., user, assistant]}')
+
+
+def read_prompts(path) -> list[dict]:
+    """Rows of a prompts JSONL file, each with "prompt" as a list of messages ending in a user turn.
+
+    A {"messages": [...]} row is taken as the prompt up to its last user turn, with the
+    assistant turn after it as "reference". Other keys are kept. Raises DataError at file:line."""
+    rows = []
+    for where, row in read_jsonl(path, PROMPT_FORMAT):
+        if "prompt" in row:
+            prompt = row["prompt"]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        elif "messages" in row:
+            messages = check_conversation(row["messages"], where, need_assistant=False)
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if not users:
+                raise DataError(f"{where}: the conversation has no user turn to answer; {PROMPT_FORMAT}")
+            prompt = messages[:users[-1] + 1]
+            after = messages[users[-1] + 1:]
+            row = {k: v for k, v in row.items() if k != "messages"}
+            if after and after[0]["role"] == "assistant":
+                row.setdefault("reference", after[0]["content"])
+        else:
+            raise DataError(f"{where}: {PROMPT_FORMAT}; this line has keys {sorted(row)}")
+        check_conversation(prompt, where, need_assistant=False)
+        if prompt[-1]["role"] != "user":
+            raise DataError(f"{where}: the prompt's last turn is {prompt[-1]['role']}; it must end "
+                            "with the user turn the model answers")
+        rows.append({**row, "prompt": prompt, "where": where})
+    if not rows:
+        raise DataError(f"{path}: holds no prompts; {PROMPT_FORMAT}, one per line")
+    return rows
+
+
+def encode_prompts(rows: list[dict], tokenizer, *, context: int, max_new_tokens: int) -> list[list[int]]:
+    """The token ids of each row's prompt (chat template + assistant header). A prompt that leaves
+    fewer than max_new_tokens positions of the context is a DataError naming its line."""
+    ids = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
+    for row, p in zip(rows, ids):
+        if len(p) + max_new_tokens > context:
+            raise DataError(f"{row['where']}: the prompt is {len(p)} tokens; with max_new_tokens="
+                            f"{max_new_tokens} it needs {len(p) + max_new_tokens} positions, more than "
+                            f"the model's context of {context}; shorten the prompt or lower max_new_tokens")
+    return ids
