@@ -5,16 +5,13 @@ context kept within bounds, and the command itself in a subprocess."""
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 
 import pytest
 
 from lmschool.commands.chat import Chat, repl
-from lmschool.tokenizer import TextStream
 from lmschool.model import ModelConfig, build_model
-from lmschool.tokenizer import train_tokenizer
+from lmschool.tokenizer import TextStream, train_tokenizer
+from procs import lmschool
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,10 +98,6 @@ def test_long_conversations_drop_the_oldest_turns(tok):
 
 def test_command_with_piped_stdin(taught):
     _, path = taught
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "lmschool", "chat", str(path), "--temperature", "0",
-                             "--precision", "fp32"],
-                            input="Hi!\nWhat is 2 plus 3?\n/reset\nWhat is 2 plus 3?\n/quit\n",
-                            capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stderr
+    result = lmschool("chat", path, "--temperature", "0", "--precision", "fp32",
+                      input="Hi!\nWhat is 2 plus 3?\n/reset\nWhat is 2 plus 3?\n/quit\n")
     assert result.stdout == "Hello! How can I help?\n2 plus 3 is 5.\nFive.\n"

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lmschool.cli import main
+from lmschool.world.build import FILES, build, completion_probes, write
 from lmschool.world.corpus import DOC_END
 from lmschool.world.facts import FACT_TYPES, VOCAB, build_world
-from lmschool.world.build import FILES, build, completion_probes, write
 from lmschool.world.numbers import parse_numbers, to_words
 from lmschool.world.presets import CATEGORIES, FACT_CATEGORIES, PRESETS, get_preset
 from lmschool.world.teacher import Teacher
+from procs import child_env, lmschool
 
 ROLES = {"system", "user", "assistant"}
 
@@ -62,9 +61,7 @@ def test_same_seed_gives_byte_identical_files(tiny, tmp_path):
 def test_files_do_not_depend_on_the_process(tiny, tmp_path):
     """Another process with another string-hash seed writes the same bytes (no set order leaks)."""
     out = tmp_path / "other"
-    env = dict(os.environ, PYTHONHASHSEED="12345")
-    subprocess.run([sys.executable, "-m", "lmschool", "world", "--out", str(out), "--preset",
-                    "tiny"], check=True, env=env, capture_output=True)
+    lmschool("world", "--out", out, "--preset", "tiny", env=child_env(PYTHONHASHSEED="12345"))
     for name in FILES:
         assert (tiny / name).read_bytes() == (out / name).read_bytes(), name
 
