@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="model directory or run directory")
     parser.add_argument("--data", type=Path, required=True, metavar="FILE",
@@ -41,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from lmschool.checkpoint import atomic_write_text, load_model, resolve
     from lmschool.errors import UserError
     from lmschool.data.prompts import read_prompts
-    from lmschool.evaluate import evaluate_generations, load_scorer, school_teacher
+    from lmschool.evaluate import evaluate_generations
+    from lmschool.judges import make_judge
     from lmschool.tokenizer import check_chat_tokenizer
     from lmschool.tokenizer import Tokenizer
     from lmschool.runtime import autocast, pick_device, resolve_precision
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(path)
     check_chat_tokenizer(tokenizer, path)
     rows = read_prompts(args.data)
-    scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.data)
+    judge = make_judge(args.scorer, beside=[args.data])
     for target in (args.out, args.answers):
         if target is not None and target.is_dir():
             raise UserError(f"{target} is a directory; give a file name")
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     precision = resolve_precision(device, args.precision)
     with autocast(device, precision):
-        summary, records = evaluate_generations(model, tokenizer, rows, scorer, max_new_tokens=args.max_new_tokens,
+        summary, records = evaluate_generations(model, tokenizer, rows, judge, max_new_tokens=args.max_new_tokens,
                                                 batch_size=args.batch_size, temperature=args.temperature,
                                                 seed=args.seed)
     summary = {"checkpoint": str(path), "data": str(args.data), "scorer": args.scorer or "teacher",
