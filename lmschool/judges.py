@@ -64,13 +64,11 @@ class TeacherJudge(Judge):
         self.teacher, self.name = teacher, name
 
     def __call__(self, prompts, responses, **fields):
-        # consecutive answers to one prompt object (label's K samples) share one reading of it
+        # consecutive answers to one prompt object (label's K samples of it) share one reading of it
         scores = []
-        start = 0
-        for _, run in groupby(range(len(prompts)), key=lambda i: id(prompts[i])):
-            n = len(list(run))
-            scores += self.teacher.scores(prompts[start], responses[start:start + n])
-            start += n
+        for _, run in groupby(zip(prompts, responses), key=lambda pair: id(pair[0])):
+            run = list(run)
+            scores += self.teacher.scores(run[0][0], [response for _, response in run])
         return [s.total for s in scores], [s.parts for s in scores]
 
     def category(self, prompt) -> str:
@@ -158,8 +156,9 @@ class RewardModelJudge(Judge):
             return [], []
         tok = self.tokenizer
         # as the reward model was trained (data.preference.encode_response): no BOS before the answer
-        seqs = [tok.render(p, add_generation_prompt=True)[0] + tok.encode(t, allow_special=False, add_special_tokens=False)
-                + [tok.im_end_id] for p, t in zip(prompts, responses)]
+        seqs = [tok.render(p, add_generation_prompt=True)[0]
+                + tok.encode(t, allow_special=False, add_special_tokens=False) + [tok.im_end_id]
+                for p, t in zip(prompts, responses)]
         context = self.model.config.max_position_embeddings
         seqs = [s[-context:] for s in seqs]
         device = next(self.model.parameters()).device
@@ -207,12 +206,13 @@ def load_function(spec: str):
 
 
 def make_judge(scorer: str | None = None, reward=None, *, beside=(), tokenizer=None, device="cpu",
-               batch_size: int = 64) -> Judge:
+               batch_size: int = 64, policy_name: str = "--init") -> Judge:
     """The judge a command line names: --reward RM (a RewardModelJudge checked against the policy's
-    `tokenizer`), else --scorer module:function, else (no --scorer, or "teacher") the teacher of
-    the school world beside the files `beside`."""
+    `tokenizer`, which `policy_name` names in errors; `batch_size` rows per forward), else --scorer
+    module:function, else (no --scorer, or "teacher") the teacher of the school world beside the
+    files `beside` (see school_teacher)."""
     if reward is not None:
-        return RewardModelJudge(reward, tokenizer, device, batch_size=batch_size)
+        return RewardModelJudge(reward, tokenizer, device, policy_name=policy_name, batch_size=batch_size)
     if scorer is None or scorer == "teacher":
         return TeacherJudge(school_teacher(*beside))
     return FunctionJudge(load_function(scorer), scorer)
