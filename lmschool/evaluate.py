@@ -1,7 +1,7 @@
 """Evaluation measures shared by the stages: held-out loss and bits per byte; answers to held-out
-prompts judged by the school world's teacher or any `module:function` scorer
-(`evaluate_generations`, used by SFT, the later stages and `lmschool eval`). More to come: reward
-accuracy, win rates, KL.
+prompts judged by a judge (lmschool.judges: the school world's teacher, a `module:function` or a
+reward model; `evaluate_generations`, used by SFT, the later stages and `lmschool eval`); a
+policy's win rate against its reference and its KL from it (`evaluate_policy`, DPO and PPO).
 
 Bits per byte makes losses comparable across tokenizers: the total information the model needs
 for the held-out text, in bits, divided by the text's UTF-8 size. End-of-document tokens are
@@ -14,6 +14,9 @@ import math
 
 import torch
 
+from lmschool.judges import as_judge
+# stages/ppo.py imports these two from here until it imports lmschool.judges itself
+from lmschool.judges import load_function as load_scorer, school_teacher  # noqa: F401
 from lmschool.losses.lm import token_nll
 
 
@@ -41,46 +44,17 @@ def lm_loss_and_bpb(model, batches, *, special_ids: set[int], bytes_per_text_tok
     return out
 
 
-# ---- generation-based evaluation: answers to held-out prompts, judged by a scorer ------------------
+# ---- generation-based evaluation: answers to held-out prompts, judged ------------------------------
 #
-# The model answers each prompt (greedy by default, batched, through `generate`); a scorer judges
-# each answer. The default scorer is the school world's teacher, whose rubric parts give the
-# correctness figures; any `module:function` taking (prompts, responses) -> list[float] can
-# replace it (then only the mean score and the end-of-turn rate are reported). The stages (SFT,
-# DPO, PPO) and `lmschool eval` all call `evaluate_generations`.
+# The model answers each prompt (greedy by default, batched, through `generate`); a judge
+# (lmschool.judges) scores each answer. The default judge is the school world's teacher, whose
+# rubric parts give the correctness figures; a `module:function` or a reward model can replace it
+# (then only the mean score and the end-of-turn rate are reported). The stages (SFT, DPO, PPO) and
+# `lmschool eval` all call `evaluate_generations`.
 
-def load_scorer(spec: str):
-    """The function named by "module:function", e.g. "lmschool.world.teacher:reward". It must take
-    (prompts, responses) and return one float per pair."""
-    import importlib
-
-    from lmschool.errors import UserError
-
-    module_name, _, function_name = spec.partition(":")
-    if not module_name or not function_name:
-        raise UserError(f"--scorer {spec!r} must look like module:function "
-                        "(e.g. lmschool.world.teacher:reward)")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"--scorer {spec}: cannot import module {module_name!r} ({e}); is it on "
-                        "PYTHONPATH?") from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise UserError(f"--scorer {spec}: module {module_name} has no function {function_name!r}")
-    return function
-
-
-def school_teacher(eval_path=None):
-    """The school world's teacher for an eval file: the world.json beside it if there is one, else
-    lmschool.world.teacher's default world (LMSCHOOL_WORLD, or the built-in default world)."""
-    from pathlib import Path
-
-    from lmschool.world.teacher import Teacher, default_teacher
-
-    if eval_path is not None and (Path(eval_path).parent / "world.json").is_file():
-        return Teacher.from_file(Path(eval_path).parent / "world.json")
-    return default_teacher()
+def _fields(rows: list[dict], idx: list[int]) -> dict[str, list]:
+    """The eval rows' category and expected answer, per judged answer (a judge's **fields)."""
+    return {key: [rows[i].get(key) for i in idx] for key in ("category", "expected")}
 
 
 def _mean(values) -> float | None:
@@ -95,8 +69,8 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
     """Answer every row's prompt and judge the answers. Returns (summary, records).
 
     rows: dicts with "prompt" (messages ending in a user turn; see data.prompts.read_prompts), optional
-    "category" and "heldout". scorer: a `Teacher` (its rubric parts give the correctness figures)
-    or a function (prompts, responses) -> list[float].
+    "category" and "heldout". scorer: a judges.Judge (the teacher's rubric parts give the
+    correctness figures), or a Teacher or (prompts, responses) -> list[float] function (judges.as_judge).
 
     summary, all fractions in [0, 1] (None where no row is of that kind):
       teacher_score (or score, for another scorer), and *_by_category: mean score;
@@ -113,7 +87,7 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
         from lmschool.errors import UserError
         raise UserError("the tokenizer has no end-of-turn token <|im_end|>, so chat prompts cannot be "
                         "rendered; evaluate a checkpoint whose tokenizer has the chat tokens")
-    teacher = scorer if hasattr(scorer, "read_prompt") else None
+    judge = as_judge(scorer)
     context = model.config.max_position_embeddings
     prompts = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
     was_training = model.training
@@ -126,24 +100,12 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
 
     done = sorted(answers)
     responses = {i: tokenizer.decode(answers[i][0], skip_special=True).strip() for i in done}
-    if teacher is not None:
-        scores = {i: teacher.score(rows[i]["prompt"], responses[i]) for i in done}
-        totals = {i: s.total for i, s in scores.items()}
-        parts = {i: s.parts for i, s in scores.items()}
-    else:
-        values = scorer([rows[i]["prompt"] for i in done], [responses[i] for i in done])
-        if len(values) != len(done):
-            from lmschool.errors import UserError
-            raise UserError(f"the scorer returned {len(values)} scores for {len(done)} answers")
-        totals, parts = {i: float(v) for i, v in zip(done, values)}, {}
-
-    def category(i: int) -> str:
-        if rows[i].get("category"):
-            return str(rows[i]["category"])
-        return teacher.read_prompt(rows[i]["prompt"]).category if teacher is not None else "all"
-
-    categories = {i: category(i) for i in done}
-    name = "teacher_score" if teacher is not None else "score"
+    values, rubric = judge([rows[i]["prompt"] for i in done], [responses[i] for i in done], **_fields(rows, done))
+    totals = dict(zip(done, values))
+    parts = {i: p for i, p in zip(done, rubric) if p is not None}
+    categories = {i: str(rows[i]["category"]) if rows[i].get("category") else judge.category(rows[i]["prompt"])
+                  for i in done}
+    name = judge.score_key
     by_cat: dict[str, list[int]] = {}
     for i in done:
         by_cat.setdefault(categories[i], []).append(i)
@@ -202,18 +164,6 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
 # over the policy's samples: an unbiased estimate of KL(pi || pi_ref) per prompt, the quantity the
 # RLHF objective bounds (Ouyang et al. 2022; Gao et al. 2023 plot reward against its square root).
 
-def _judge(scorer, prompts: list, responses: list[str]) -> tuple[list[float], list[dict | None]]:
-    """(totals, parts) of each answer, by a Teacher (with rubric parts) or a scorer function."""
-    if hasattr(scorer, "read_prompt"):
-        scores = [scorer.score(p, r) for p, r in zip(prompts, responses)]
-        return [s.total for s in scores], [s.parts for s in scores]
-    values = scorer(prompts, responses) if prompts else []
-    if len(values) != len(prompts):
-        from lmschool.errors import UserError
-        raise UserError(f"the scorer returned {len(values)} scores for {len(prompts)} answers")
-    return [float(v) for v in values], [None] * len(prompts)
-
-
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[list[int]], *, samples: int, max_new_tokens: int,
                    batch_size: int, seed: int = 0, temperature: float = 1.0) -> list[list[int]]:
@@ -270,7 +220,7 @@ def _wins(scores: list[float], reference: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, reference_records=None,
+def evaluate_policy(policy, reference, tokenizer, rows: list[dict], judge, *, reference_records=None,
                     max_new_tokens: int = 128, batch_size: int = 32, kl_samples: int = 1, seed: int = 0
                     ) -> tuple[dict, list[dict]]:
     """Judge a trained policy on eval rows, against its reference (the SFT model). Returns (summary,
@@ -282,8 +232,8 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, 
     (the SFT run's eval_answers.jsonl), so the reference is not asked again; their answers are
     judged afresh. None: the reference answers here. Then `kl_samples` answers per prompt are
     sampled at temperature 1 from the policy and from the reference (with the same random numbers:
-    where the two models agree, so do their samples) and judged. `teacher`: a Teacher or a
-    (prompts, responses) -> [float] scorer. Added to the summary:
+    where the two models agree, so do their samples) and judged. `judge`: as evaluate_generations'
+    scorer. Added to the summary:
 
       win_rate_vs_sft        sampled answers, the policy's k-th against the reference's k-th on each
                              prompt: mean of 1 (policy's score higher), 0.5 (equal), 0 (lower), as
@@ -305,10 +255,11 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, 
     samples: kl (the prompt's mean log-ratio), sampled and reference_sampled ([answer, score] each)."""
     from lmschool.errors import UserError
 
-    summary, records = evaluate_generations(policy, tokenizer, rows, teacher, max_new_tokens=max_new_tokens,
+    judge = as_judge(judge)
+    summary, records = evaluate_generations(policy, tokenizer, rows, judge, max_new_tokens=max_new_tokens,
                                             batch_size=batch_size, temperature=0.0, seed=seed)
     if reference_records is None:
-        _, reference_records = evaluate_generations(reference, tokenizer, rows, teacher,
+        _, reference_records = evaluate_generations(reference, tokenizer, rows, judge,
                                                     max_new_tokens=max_new_tokens, batch_size=batch_size,
                                                     temperature=0.0, seed=seed)
     if len(reference_records) != len(rows):
@@ -322,15 +273,15 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, 
     # the reference's greedy answers, judged by the same scorer
     judged = [i for i, ref in enumerate(reference_records)
               if isinstance(ref.get("response"), str) and records[i].get("response") is not None]
-    ref_totals, ref_parts = _judge(teacher, [rows[i]["prompt"] for i in judged],
-                                   [reference_records[i]["response"] for i in judged])
+    ref_totals, ref_parts = judge([rows[i]["prompt"] for i in judged],
+                                  [reference_records[i]["response"] for i in judged], **_fields(rows, judged))
     ref_total, ref_part = dict(zip(judged, ref_totals)), dict(zip(judged, ref_parts))
     greedy = dict(zip(judged, _wins([records[i]["score"] for i in judged], ref_totals)))
     for i in judged:
         records[i].update(reference_response=reference_records[i]["response"], reference_score=ref_total[i],
                           win=greedy[i])
 
-    name = "teacher_score" if hasattr(teacher, "read_prompt") else "score"
+    name = judge.score_key
     by_cat: dict[str, list[int]] = {}
     for i in judged:
         by_cat.setdefault(str(records[i]["category"]), []).append(i)
@@ -366,7 +317,8 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], teacher, *, 
     questions = [rows[usable[m // n]]["prompt"] for m in range(len(mine))]
     texts = ([tokenizer.decode(a, skip_special=True).strip() for a in mine],
              [tokenizer.decode(a, skip_special=True).strip() for a in theirs])
-    scores = _judge(teacher, questions, texts[0])[0], _judge(teacher, questions, texts[1])[0]
+    fields = _fields(rows, [usable[m // n] for m in range(len(mine))])
+    scores = judge(questions, texts[0], **fields)[0], judge(questions, texts[1], **fields)[0]
     sampled = _wins(*scores)
     lengths = [len(a) for a in mine]
     summary.update({

@@ -13,9 +13,9 @@ import torch
 
 from lmschool.errors import UserError
 from lmschool.data.prompts import read_prompts
-from lmschool.evaluate import (evaluate_generations, evaluate_policy, sample_responses, school_teacher,
-                               sequence_logratios)
+from lmschool.evaluate import evaluate_generations, evaluate_policy, sample_responses, sequence_logratios
 from lmschool.generate import Generation, generate
+from lmschool.judges import TeacherJudge, school_teacher
 from lmschool.model import ModelConfig, build_model
 from lmschool.tokenizer import train_tokenizer
 
@@ -85,7 +85,7 @@ def test_sft_figures_are_judged_afresh_and_read_answers_equal_generated_ones(tok
     policy, sft = tiny_model(tok, 0), tiny_model(tok, 1)
     monkeypatch.setattr("lmschool.generate.generate", fake_generation(
         tok, {id(policy): lambda p: rendered[tuple(p)], id(sft): lambda p: "No."}))
-    teacher = school_teacher(world / "eval.jsonl")
+    teacher = TeacherJudge(school_teacher(world / "eval.jsonl"))
     generated, records = evaluate_policy(policy, sft, tok, rows, teacher, max_new_tokens=8, kl_samples=0)
     assert generated["win_rate_vs_sft_greedy"] == 1.0 and generated["greedy_wins"] == len(rows)
     assert "win_rate_vs_sft" not in generated

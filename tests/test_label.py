@@ -14,9 +14,10 @@ from lmschool.checkpoint import save_model
 from lmschool.cli import main
 from lmschool.data.preference import read_pairs
 from lmschool.model import ModelConfig, build_model
-from lmschool.stages.label import Answer, LabelConfig, label, rank, ranking_pairs
+from lmschool.judges import FunctionJudge, TeacherJudge
+from lmschool.stages.label import Answer, LabelConfig, label, rank, ranking_pairs, rate
 from lmschool.tokenizer import train_tokenizer
-from lmschool.world.teacher import RATER_TEMPERATURE
+from lmschool.world.teacher import RATER_TEMPERATURE, default_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,6 +98,20 @@ def test_label_drops_ties_and_empty_answers_and_marks_gold():
     assert counts["ties_dropped"] == 1 and counts["empty_answers_dropped"] == 1
     assert counts["rater_agreement"] == 1.0 and all(x["gold_chosen"] for x in lines)
     assert lines[0]["score_chosen"] == 0.8 and lines[0]["group"] == 0 and lines[0]["split"] == "train"
+
+
+def test_rate_gives_each_answer_its_judges_score():
+    """The teacher judge's rates are Teacher.scores of each prompt's K answers (one reading of the
+    prompt); a function judge gets every answer at once, in order: length_score by hand."""
+    rows = [{"prompt": "What is 2 plus 3?", "category": "arithmetic"},
+            {"prompt": [{"role": "user", "content": "Hello!"}], "category": "smalltalk"}]
+    texts = [["Two plus three is five.", "It is six.", ""], ["Hello! I am well, thank you.", "Go away."]]
+    answers = [[Answer(g, t, 1, True) for t in group] for g, group in enumerate(texts)]
+    teacher = default_teacher()
+    assert rate(rows, answers, TeacherJudge(teacher)) == \
+        [[s.total for s in teacher.scores(row["prompt"], group)] for row, group in zip(rows, texts)]
+    # lengths 23, 10, 0 and 28, 8: mod 5
+    assert rate(rows, answers, FunctionJudge(length_score, "length")) == [[3.0, 0.0, 0.0], [3.0, 3.0]]
 
 
 def label_cmd(policy, prompts, out, *extra):

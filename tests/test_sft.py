@@ -368,7 +368,8 @@ def test_figures_of_a_model_that_answers_with_the_references(tok, world, monkeyp
     assert summary["end_of_turn_rate"] == 0.0 and summary["score"] == 0.5 and "correct" not in summary
 
 
-def test_sft_and_eval_commands_write_the_figures(ckpt, world, tmp_path, capsys):
+def test_sft_and_eval_commands_write_the_figures(tok, ckpt, world, tmp_path, capsys):
+    from lmschool.judges import RewardModelJudge
     out = tmp_path / "run"
     sft(ckpt, world / "sft.jsonl", out, "max_steps=3", "packing=true", "val_fraction=0.1",
         "--eval", str(world / "eval.jsonl"))
@@ -387,6 +388,19 @@ def test_sft_and_eval_commands_write_the_figures(ckpt, world, tmp_path, capsys):
     assert main(["eval", str(out), "--data", str(world / "eval.jsonl"), "--out", str(tmp_path / "s.json"),
                  "--scorer", "lmschool.world.teacher:reward", "--max-new-tokens", "4"]) == 0
     assert "score" in json.loads((tmp_path / "s.json").read_text())
+    # a reward model as the judge: each answer's score is the reward-model judge's, and the summary says which
+    rm = tmp_path / "rm"
+    save_model(rm, load_model(out, head="score", new_head=True), tok, {"kind": "reward", "reward_bias": 0.25})
+    assert main(["eval", str(out), "--data", str(world / "eval.jsonl"), "--out", str(tmp_path / "r.json"),
+                 "--answers", str(tmp_path / "r.jsonl"), "--reward", str(rm), "--max-new-tokens", "4",
+                 "--precision", "fp32"]) == 0
+    by_rm = json.loads((tmp_path / "r.json").read_text())
+    records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["response"] is not None]
+    judge = RewardModelJudge(rm, tok)
+    judged, _ = judge([r["prompt"] for r in records], [r["response"] for r in records])
+    assert [r["score"] for r in records] == pytest.approx(judged, abs=1e-5)
+    assert by_rm["scorer"] == judge.name and "correct" not in by_rm and by_rm["score"] is not None
     assert main(["eval", str(out), "--data", str(world / "eval.jsonl"), "--scorer", "nope:f"]) == 2
     assert "cannot import module 'nope'" in capsys.readouterr().err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"role": "user", "content": "hi"}]},

@@ -3,13 +3,16 @@
     lmschool eval runs/sft --data runs/world/eval.jsonl                       # the school world's teacher
     lmschool eval runs/sft --data my_prompts.jsonl --scorer mypkg.judge:score --out results.json
     lmschool eval runs/sft --data runs/world/eval.jsonl --answers answers.jsonl --temperature 0.7
+    lmschool eval runs/ppo --data runs/world/eval.jsonl --reward runs/reward     # a reward model's reward
 
 The same evaluation as at the end of `lmschool sft` (lmschool.evaluate.evaluate_generations): greedy
 answers by default (in bf16 where the hardware runs it fast, as in training; --precision fp32 to
 force float32), judged by the school world's teacher built from the world.json beside the data
-file (else lmschool.world.teacher's default world), or by --scorer module:function, a function
-(prompts, responses) -> list[float]. Prints the figures per category; --out writes them as JSON and
---answers writes one JSON line per answer (prompt, response, score, rubric parts, end of turn).
+file (else lmschool.world.teacher's default world), by --scorer module:function, a function
+(prompts, responses) -> list[float], or by --reward RM_CKPT, a reward model's reward (score at the
+answer's <|im_end|> minus its reward_bias); see lmschool.judges. Prints the figures per category;
+--out writes them as JSON and --answers writes one JSON line per answer (prompt, response, score,
+rubric parts, end of turn).
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import json
 from pathlib import Path
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="model directory or run directory")
     parser.add_argument("--data", type=Path, required=True, metavar="FILE",
                         help='prompts, one JSON object per line: {"prompt": ...} (eval.jsonl) or {"messages": ...}')
-    parser.add_argument("--scorer", metavar="MODULE:FUNCTION",
-                        help="a (prompts, responses) -> [float] function instead of the school world's teacher")
+    judge = parser.add_mutually_exclusive_group()
+    judge.add_argument("--scorer", metavar="MODULE:FUNCTION",
+                       help="a (prompts, responses) -> [float] function instead of the school world's teacher")
+    judge.add_argument("--reward", metavar="RM_CKPT",
+                       help="judge with this reward model (from `lmschool reward`, with CKPT's tokenizer)")
     parser.add_argument("--out", type=Path, metavar="FILE", help="write the figures here as JSON")
     parser.add_argument("--answers", type=Path, metavar="FILE", help="write every answer here as JSONL")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
@@ -41,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from lmschool.checkpoint import atomic_write_text, load_model, resolve
     from lmschool.errors import UserError
     from lmschool.data.prompts import read_prompts
-    from lmschool.evaluate import evaluate_generations, load_scorer, school_teacher
+    from lmschool.evaluate import evaluate_generations
+    from lmschool.judges import make_judge
     from lmschool.tokenizer import check_chat_tokenizer
     from lmschool.tokenizer import Tokenizer
     from lmschool.runtime import autocast, pick_device, resolve_precision
@@ -52,19 +58,20 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(path)
     check_chat_tokenizer(tokenizer, path)
     rows = read_prompts(args.data)
-    scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.data)
     for target in (args.out, args.answers):
         if target is not None and target.is_dir():
             raise UserError(f"{target} is a directory; give a file name")
     device = pick_device(args.device)
+    judge = make_judge(args.scorer, args.reward, beside=[args.data], tokenizer=tokenizer, device=device,
+                       batch_size=args.batch_size, policy_name=f"CKPT {path}")
     model = load_model(path, head="lm", device=device).eval()
 
     precision = resolve_precision(device, args.precision)
     with autocast(device, precision):
-        summary, records = evaluate_generations(model, tokenizer, rows, scorer, max_new_tokens=args.max_new_tokens,
+        summary, records = evaluate_generations(model, tokenizer, rows, judge, max_new_tokens=args.max_new_tokens,
                                                 batch_size=args.batch_size, temperature=args.temperature,
                                                 seed=args.seed)
-    summary = {"checkpoint": str(path), "data": str(args.data), "scorer": args.scorer or "teacher",
+    summary = {"checkpoint": str(path), "data": str(args.data), "scorer": judge.name,
                "eval_precision": precision, **summary}
     print_table(summary)
     if args.out is not None:

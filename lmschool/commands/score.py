@@ -24,23 +24,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmschool.checkpoint import check_kind, load_model, resolve
     from lmschool.data.jsonl import check_conversation
     from lmschool.errors import UserError
+    from lmschool.judges import RewardModelJudge
     from lmschool.runtime import pick_device
-    from lmschool.stages.reward import reward_bias, score_responses
-    from lmschool.tokenizer import Tokenizer
 
-    path = resolve(args.checkpoint)
-    check_kind(path, "reward", "`lmschool score`")
-    model = load_model(path, head="score", device=pick_device(args.device)).eval()
-    tokenizer = Tokenizer.load(path)
     prompt = ([{"role": "system", "content": args.system}] if args.system else [])
     prompt.append({"role": "user", "content": args.prompt})
     if not args.response.strip():
         raise UserError("--response is empty; give the answer to score")
     check_conversation(prompt + [{"role": "assistant", "content": args.response}], "--prompt/--response")
-    bias = 0.0 if args.raw else reward_bias(path)
-    (reward,) = score_responses(model, tokenizer, [prompt], [args.response], bias=bias)
+    judge = RewardModelJudge(args.checkpoint, None, pick_device(args.device), where="`lmschool score`",
+                             bias=0.0 if args.raw else None)
+    (reward,), _ = judge([prompt], [args.response])
     print(f"{reward:.4f}")
     return 0

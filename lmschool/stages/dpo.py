@@ -53,7 +53,8 @@ from lmschool.data.jsonl import read_jsonl
 from lmschool.data.unpaired import UnpairedBatches, check_labels, read_unpaired
 from lmschool.errors import UserError
 from lmschool.data.prompts import read_prompts
-from lmschool.evaluate import evaluate_policy, load_scorer, school_teacher
+from lmschool.evaluate import evaluate_policy
+from lmschool.judges import make_judge
 from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, kto_kl, needs_reference,
                                         paired_loss, sequence_logprobs)
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
@@ -326,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
     eval_rows = read_prompts(args.eval) if args.eval else None
     scorer = reference_records = None
     if eval_rows is not None:
-        scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.eval)
+        scorer = make_judge(args.scorer, beside=[args.eval])
         answers, explicit = find_reference_answers(args)
         if answers is not None:
             reference_records = read_reference_answers(answers, eval_rows, explicit)

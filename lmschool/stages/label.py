@@ -248,19 +248,15 @@ def label(rows: list[dict], answers: list[list[Answer]], scores: list[list[float
     return lines, counts
 
 
-def rate(rows: list[dict], answers: list[list[Answer]], scorer) -> list[list[float]]:
-    """The noise-free score of every answer: the teacher's rubric total, or the scorer's value."""
-    if hasattr(scorer, "scores"):                                             # the school world's teacher
-        return [[s.total for s in scorer.scores(row["prompt"], [a.text for a in group])]
-                for row, group in zip(rows, answers)]
+def rate(rows: list[dict], answers: list[list[Answer]], judge) -> list[list[float]]:
+    """The noise-free score of every answer by a judges.Judge: the teacher's rubric total, or the
+    scorer's value. All answers go to the judge at once, each prompt's K answers together."""
     flat = [(g, a) for g, group in enumerate(answers) for a in group]
-    values = scorer([rows[g]["prompt"] for g, _ in flat], [a.text for _, a in flat])
-    values = list(values)
-    if len(values) != len(flat):
-        raise UserError(f"the scorer returned {len(values)} scores for {len(flat)} answers")
+    values, _ = judge([rows[g]["prompt"] for g, _ in flat], [a.text for _, a in flat],
+                      category=[rows[g].get("category") for g, _ in flat])
     out: list[list[float]] = [[] for _ in answers]
     for (g, _), v in zip(flat, values):
-        out[g].append(float(v))
+        out[g].append(v)
     return out
 
 
@@ -269,7 +265,7 @@ def rate(rows: list[dict], answers: list[list[Answer]], scorer) -> list[list[flo
 def run(args: argparse.Namespace) -> int:
     from lmschool.runtime import pick_device
     from lmschool.data.prompts import read_prompts
-    from lmschool.evaluate import load_scorer, school_teacher
+    from lmschool.judges import make_judge
     from lmschool.generate import compile_for_generation
     from lmschool.checkpoint import check_kind
     from lmschool.tokenizer import check_chat_tokenizer
@@ -299,10 +295,10 @@ def run(args: argparse.Namespace) -> int:
     rows = read_prompts(args.prompts)
     if cfg.max_prompts:
         rows = rows[:cfg.max_prompts]
-    scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.prompts)
+    judge = make_judge(args.scorer, beside=[args.prompts])
     temperature = cfg.rater_temperature
     if temperature is None:
-        temperature = 0.0 if args.scorer else RATER_TEMPERATURE
+        temperature = 0.0 if args.scorer not in (None, "teacher") else RATER_TEMPERATURE
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -323,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         answers = draw_candidates(sampler, tokenizer, prompt_ids, cfg)
     sample_seconds = time.time() - t_sample
     t_rate = time.time()
-    scores = rate(rows, answers, scorer)
+    scores = rate(rows, answers, judge)
     lines, counts = label(rows, answers, scores, cfg, temperature)
     rate_seconds = time.time() - t_rate
     if not lines:

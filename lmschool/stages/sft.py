@@ -44,7 +44,8 @@ from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint,
 from lmschool.data.text import check_data
 from lmschool.errors import UserError
 from lmschool.data.prompts import read_prompts
-from lmschool.evaluate import evaluate_generations, load_scorer, school_teacher
+from lmschool.evaluate import evaluate_generations
+from lmschool.judges import make_judge
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
 from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
                                     save_resolved_config, write_summary)
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     eval_rows = read_prompts(args.eval) if args.eval else None
     scorer = None
     if eval_rows is not None:
-        scorer = load_scorer(args.scorer) if args.scorer else school_teacher(args.eval)
+        scorer = make_judge(args.scorer, beside=[args.eval])
     if args.replay:
         check_data(args.replay)  # readable, UTF-8, not empty
     train, val = split_examples(examples, cfg.val_fraction, cfg.seed)
