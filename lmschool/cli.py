@@ -40,9 +40,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("lmschool.commands.chat", "talk with a chat model: streamed answers, /reset, /system, /temperature, /quit"),
     "eval": ("lmschool.commands.eval",
              "answer eval prompts with a checkpoint and judge them (school world teacher or --scorer)"),
-    "run": ("lmschool.pipeline",
+    "run": ("lmschool.commands.run",
             "run the whole pipeline on the school world (world, pre-training, SFT, feedback) and write a report"),
-    "report": ("lmschool.report", "write report.md, report.json and plots for a `lmschool run` directory"),
+    "report": ("lmschool.commands.report", "write report.md, report.json and plots for a `lmschool run` directory"),
 }
 
 

@@ -1,8 +1,9 @@
-"""`lmschool run`: the whole pipeline on the school world, one run directory per stage.
+"""The pipeline: the one registry of its stages (`STAGES`) and running them in order.
 
     lmschool run [--out runs/demo] [--preset tiny|default] [--from STAGE] [--sweep] [STAGE.key=value ...]
 
-Stages, in order, each its own command with its own directory under --out:
+(the command's arguments are in lmschool/commands/run.py). Stages, in order, each its own command
+with its own directory under --out:
 
     world     the school world: corpus, conversations, prompts, eval set, teacher (lmschool world)
     pretrain  stage 1 on world/corpus.txt                                   (lmschool pretrain)
@@ -13,19 +14,21 @@ Stages, in order, each its own command with its own directory under --out:
     ppo       PPO against the reward model, KL penalty to SFT               (lmschool ppo)
     grpo      GRPO with the teacher as a verifiable reward                  (lmschool ppo advantage=grpo)
 
-then `report.md`, `report.json` and `plots/` (lmschool report). `--sweep` adds DPO runs over
-several beta and PPO runs over several KL coefficients under DIR/sweep/ (the reward-versus-KL
-frontier of the report).
+then `report.md`, `report.json` and `plots/` (lmschool report, which reads the same registry to
+know each stage's files, kind and title). `--sweep` adds DPO runs over several beta and PPO runs
+over several KL coefficients under DIR/sweep/ (the reward-versus-KL frontier of the report).
 
 A finished stage (its done-file is written, atomically, last) is not redone when `run` is
 started again; an unfinished one resumes from its last checkpoint; `--from STAGE` redoes that
 stage and every later one. A failed stage stops the run, names the stage, and leaves the earlier
 stages intact. Killing `run` at any moment and starting it again loses nothing finished.
+
+This module imports no torch (the report reads the registry without loading a model); running
+the stages imports the CLI, and with it each stage's module, only when they run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lmschool.checkpoint import atomic_write_text
 from lmschool.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEACHER = "teacher"  # lmschool ppo: the school world's teacher of the world.json beside --prompts
+KINDS = ("world", "training", "labelling", "policy")
 
 
 def _config(*names: str, preset: str) -> list[str]:
@@ -55,12 +58,27 @@ def _config(*names: str, preset: str) -> list[str]:
 
 @dataclass
 class Stage:
+    """One step of the pipeline: how to run it, and which files of its directory say what it did."""
+
     name: str                                       # also its directory under --out
-    done_file: str                                  # relative to the stage directory
+    kind: str                                       # world, training, labelling or policy (a model
+                                                    # tuned from SFT and judged against it)
+    title: str                                      # how the report names it ("pre-training")
     argv: Callable[[Path, str], list[str]]          # (out, preset) -> CLI argv, overrides appended
+    done_file: str = "summary.json"                 # written last: the stage is finished
+    numbers_file: str = "summary.json"              # its figures (JSON object)
     resumable: bool = True                          # pass --resume when its directory exists
     overrides: list[str] = field(default_factory=list)   # fixed key=value (e.g. loss=ipo)
     group: str = ""                                 # override prefix shared by variants ("dpo")
+
+    def __post_init__(self):
+        assert self.kind in KINDS, f"stage {self.name}: kind {self.kind!r} is not one of {KINDS}"
+
+    def directory(self, out: Path) -> Path:
+        return out / self.name
+
+    def done(self, out: Path) -> bool:
+        return (out / self.name / self.done_file).is_file()
 
 
 def _world(out, preset):
@@ -106,18 +124,28 @@ def _ppo(name: str, directory: str | None = None, scorer: bool = False):
 
 
 STAGES = [
-    Stage("world", "world.json", _world, resumable=False),
-    Stage("pretrain", "summary.json", _pretrain),
-    Stage("sft", "summary.json", _sft),
-    Stage("label", "prefs.jsonl", _label, resumable=False),
-    Stage("reward", "summary.json", _reward),
-    Stage("dpo", "summary.json", _dpo("dpo")),
-    Stage("ipo", "summary.json", _dpo("ipo"), overrides=["loss=ipo"]),
-    Stage("simpo", "summary.json", _dpo("simpo"), overrides=["loss=simpo"]),
-    Stage("ppo", "summary.json", _ppo("ppo")),
-    Stage("grpo", "summary.json", _ppo("grpo", scorer=True)),
+    Stage("world", "world", "school world", _world, done_file="world.json", numbers_file="world.json",
+          resumable=False),
+    Stage("pretrain", "training", "pre-training", _pretrain),
+    Stage("sft", "training", "SFT", _sft),
+    Stage("label", "labelling", "labelling", _label, done_file="prefs.jsonl", numbers_file="prefs.summary.json",
+          resumable=False),
+    Stage("reward", "training", "reward model", _reward),
+    Stage("dpo", "policy", "DPO", _dpo("dpo")),
+    Stage("ipo", "policy", "IPO", _dpo("ipo"), overrides=["loss=ipo"]),
+    Stage("simpo", "policy", "SimPO", _dpo("simpo"), overrides=["loss=simpo"]),
+    Stage("ppo", "policy", "PPO", _ppo("ppo")),
+    Stage("grpo", "policy", "GRPO", _ppo("grpo", scorer=True)),
 ]
 NAMES = [s.name for s in STAGES]
+BY_NAME = {s.name: s for s in STAGES}
+TITLES = {s.name: s.title for s in STAGES}
+
+
+def names(*kinds: str) -> list[str]:
+    """The stages of these kinds, in pipeline order."""
+    return [s.name for s in STAGES if s.kind in kinds]
+
 
 # The frontier sweep (--sweep): DPO over beta, PPO over the KL coefficient; each point a run.
 SWEEP_DPO_BETAS = (0.03, 0.3, 1.0)
@@ -125,9 +153,9 @@ SWEEP_PPO_KL = (0.001, 0.05, 0.5)
 
 
 def sweep_stages() -> list[Stage]:
-    stages = [Stage(f"sweep/dpo-beta{b:g}", "summary.json", _dpo("dpo", f"sweep/dpo-beta{b:g}"),
+    stages = [Stage(f"sweep/dpo-beta{b:g}", "policy", f"DPO beta {b:g}", _dpo("dpo", f"sweep/dpo-beta{b:g}"),
                     overrides=[f"beta={b:g}"], group="dpo") for b in SWEEP_DPO_BETAS]
-    stages += [Stage(f"sweep/ppo-kl{c:g}", "summary.json", _ppo("ppo", f"sweep/ppo-kl{c:g}"),
+    stages += [Stage(f"sweep/ppo-kl{c:g}", "policy", f"PPO KL coefficient {c:g}", _ppo("ppo", f"sweep/ppo-kl{c:g}"),
                      overrides=[f"kl_coef={c:g}"], group="ppo") for c in SWEEP_PPO_KL]
     return stages
 
@@ -140,18 +168,6 @@ EXPECTED_SECONDS = {
              "simpo": 3, "ppo": 5, "grpo": 5, "sweep": 3},
 }
 MIN_FREE_BYTES = {"default": 300 << 20, "tiny": 30 << 20}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR")
-    parser.add_argument("--preset", choices=["tiny", "default"], default="default",
-                        help="tiny: seconds, for tests; default: the full demo")
-    parser.add_argument("--from", dest="from_stage", choices=NAMES, help="redo this stage and all later ones")
-    parser.add_argument("--sweep", action="store_true",
-                        help=f"also run DPO at beta {', '.join(map(str, SWEEP_DPO_BETAS))} and PPO at KL "
-                             f"coefficients {', '.join(map(str, SWEEP_PPO_KL))} for the reward-vs-KL frontier")
-    parser.add_argument("overrides", nargs="*", metavar="STAGE.key=value",
-                        help="per-stage config overrides, e.g. pretrain.max_steps=100 dpo.beta=0.2")
 
 
 def split_overrides(items: list[str]) -> dict[str, list[str]]:
@@ -180,45 +196,47 @@ def check_out(out: Path, preset: str) -> None:
                         f"needs about {MIN_FREE_BYTES[preset] >> 20} MiB")
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def run(args: argparse.Namespace) -> int:
+def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: bool = False,
+               overrides: list[str] = ()) -> int:
+    """Run every stage not done yet (after removing from_stage and later ones), in order; return
+    the first failing stage's exit status, else 0. Stage times add up in DIR/timings.json."""
+    from lmschool.checkpoint import atomic_write_text
     from lmschool.cli import main as cli_main
 
-    out: Path = args.out
-    overrides = split_overrides(args.overrides)
-    check_out(out, args.preset)
+    per_stage = split_overrides(list(overrides))
+    check_out(out, preset)
     out.mkdir(parents=True, exist_ok=True)
-    stages = STAGES + (sweep_stages() if args.sweep else [])
-    if args.from_stage:
-        for stage in stages[NAMES.index(args.from_stage):]:
-            shutil.rmtree(out / stage.name, ignore_errors=True)
-        if NAMES.index(args.from_stage) <= NAMES.index("ppo"):
+    stages = STAGES + (sweep_stages() if sweep else [])
+    if from_stage:
+        for stage in stages[NAMES.index(from_stage):]:
+            shutil.rmtree(stage.directory(out), ignore_errors=True)
+        if NAMES.index(from_stage) <= NAMES.index("ppo"):
             shutil.rmtree(out / "sweep", ignore_errors=True)
     # The teacher that GRPO's verifiable reward and the evaluations judge with is this run's world.
     os.environ["LMSCHOOL_WORLD"] = str((out / "world").resolve())
     timing_file = out / "timings.json"
     seconds: dict[str, float] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-    expected = EXPECTED_SECONDS[args.preset]
+    expected = EXPECTED_SECONDS[preset]
     t0 = time.time()
     for i, stage in enumerate(stages, 1):
-        stage_dir = out / stage.name
+        stage_dir = stage.directory(out)
         header = f"[{i}/{len(stages)}] {stage.name}"
-        if (stage_dir / stage.done_file).is_file():
+        if stage.done(out):
             print(f"{header}: done already ({stage_dir})", file=sys.stderr)
             continue
         if not stage_dir.exists():
             seconds.pop(stage.name, None)  # started afresh (first run, --from, or removed): timed afresh
-        argv = stage.argv(out, args.preset)
+        argv = stage.argv(out, preset)
         if stage.resumable and stage_dir.exists():
             argv.append("--resume")
-        argv += stage.overrides + overrides.get(stage.group or stage.name, [])
-        left = sum(expected.get(s.name.split("/")[0], 60) for s in stages[i - 1:]
-                   if not (out / s.name / s.done_file).is_file())
-        print(f"\n{header} · elapsed {_clock(time.time() - t0)} · about {_clock(left)} to go\n"
+        argv += stage.overrides + per_stage.get(stage.group or stage.name, [])
+        left = sum(expected.get(s.name.split("/")[0], 60) for s in stages[i - 1:] if not s.done(out))
+        print(f"\n{header} · elapsed {clock(time.time() - t0)} · about {clock(left)} to go\n"
               f"  lmschool {' '.join(argv)}", file=sys.stderr, flush=True)
         t_stage = time.time()
         status = cli_main(argv)
@@ -228,11 +246,6 @@ def run(args: argparse.Namespace) -> int:
             return status
         seconds[stage.name] = seconds.get(stage.name, 0.0) + time.time() - t_stage
         atomic_write_text(timing_file, json.dumps(seconds, indent=2) + "\n")
-    from lmschool.report import build_report
-    report = build_report(out)
-    print(f"\nlmschool run: all {len(stages)} stages done in {_clock(time.time() - t0)} "
-          f"(stages total {_clock(sum(seconds.values()))}) -> {out}/report.md", file=sys.stderr)
-    met = [b for b in report.get("bars", {}).values() if isinstance(b, dict) and "met" in b]
-    if met:
-        print(f"bars met: {sum(bool(b['met']) for b in met)}/{len(met)} (see {out}/report.md)", file=sys.stderr)
+    print(f"\nlmschool run: all {len(stages)} stages done in {clock(time.time() - t0)} "
+          f"(stages total {clock(sum(seconds.values()))})", file=sys.stderr)
     return 0

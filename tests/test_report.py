@@ -1,10 +1,15 @@
-"""The run report on a hand-made run directory: report.json's keys and ranges, bars computed from
-the numbers (one pass and one fail worked by hand), missing stages reported as not run, valid PNG
-plots linked from report.md, and sample answers side by side (the pre-trained model's generated)."""
+"""The run report on a hand-made run directory: report.json's keys and ranges, missing stages
+reported as not run, valid PNG plots linked from report.md, sample answers side by side (the
+pre-trained model's written by pre-training), a report that reads files only; and the project's
+bars (bench/bars.py) computed from report.json's numbers (one pass and one fail worked by hand)."""
 
+import importlib.util
 import json
 import math
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +18,26 @@ from lmschool.checkpoint import save_model
 from lmschool.cli import main
 from lmschool.generate import generate
 from lmschool.model import ModelConfig, build_model
-from lmschool.report import (REQUIRED, bar_interval, build_report, check_bars, outcome_interval, pick_prompts,
-                             wilson_interval)
+from lmschool.pipeline import BY_NAME
+from lmschool.report import build_report
+from lmschool.report.collect import REQUIRED, pick_prompts, required
+from lmschool.stages.pretrain import write_chat_answers
 from lmschool.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_bars():
+    spec = importlib.util.spec_from_file_location("bench_bars", ROOT / "bench" / "bars.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module       # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+bars_py = _load_bars()
 
 PROMPTS = [
     ([{"role": "user", "content": "Can I run in the corridor?"}], "refuse", None),
@@ -58,10 +78,12 @@ def run_dir(tmp_path_factory):
                                     "dpo": 60.0, "ppo": 300.0, "sweep/dpo-beta0.3": 40.0})
     write_json(d / "world" / "world.json", {"preset": "tiny", "summary": {"pupils": 12, "heldout_pupils": 3,
                "corpus": {"documents": 50}, "sft": {"conversations": 40}, "eval": {"rows": 5}}})
+    write_jsonl(d / "world" / "eval.jsonl", [{"prompt": p, "category": c, "heldout": h} for p, c, h in PROMPTS])
     tok = train_tokenizer([], byte_level=True)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
     save_model(d / "pretrain" / "model", build_model(cfg, seed=0), tok)
+    write_chat_answers(d / "pretrain", [d / "world" / "corpus.txt"])   # what pre-training does at its end
     write_json(d / "pretrain" / "summary.json", {"val_loss": 1.2, "val_bpb": 1.6, "fact_completion": 0.5,
                                                  "steps": 40, "seconds": 99.0})
     write_jsonl(d / "pretrain" / "metrics.jsonl",
@@ -85,8 +107,8 @@ def run_dir(tmp_path_factory):
     write_jsonl(d / "dpo" / "eval_answers.jsonl", answers("dpo")[::-1])  # other order: matched by prompt
     write_json(d / "ppo" / "summary.json", policy_summary(0.78, 0.66, 0.90, 0.49, 1.5, rm=0.4))
     write_jsonl(d / "ppo" / "metrics.jsonl",
-                [{"iteration": i, "rm_reward": 0.1 * i, "teacher_score": 0.7 + 0.01 * i, "kl": 0.2 * i,
-                  "entropy": 1.0, "policy_loss": -0.01 * i} for i in range(1, 6)])
+                [{"step": i, "reward": 0.1 * i, "teacher_score": 0.7 + 0.01 * i, "kl": 0.2 * i,
+                  "entropy": 1.0, "pg_loss": -0.01 * i} for i in range(1, 6)])
     write_jsonl(d / "ppo" / "eval_answers.jsonl", answers("ppo")[:2])  # answers to two prompts only
     write_jsonl(d / "label" / "prefs.jsonl", [])
     write_json(d / "label" / "prefs.summary.json", {"pairs": 300, "rater_agreement": 0.75, "ties_dropped": 12})
@@ -101,8 +123,11 @@ def test_report_json_has_the_issue_keys_finite_and_in_range(run_dir):
     d, report, *_ = run_dir
     on_disk = json.loads((d / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert on_disk["stages"] == report["stages"]
-    for stage, keys in REQUIRED.items():
-        assert set(keys) | {"seconds", "status"} <= set(on_disk["stages"][stage]), stage
+    assert set(REQUIRED) == {"pretrain", "sft", "reward", "policy"}
+    for stage in ("pretrain", "sft", "reward", "dpo", "ipo", "simpo", "ppo", "grpo"):
+        keys = required(BY_NAME[stage])
+        assert keys and set(keys) | {"seconds", "status"} <= set(on_disk["stages"][stage]), stage
+    assert "bars" not in on_disk   # the project's bars are not the product's: bench/bars.py
     # seconds from timings.json (not the summary's 99 s); a stage without a timing keeps its summary's
     assert report["stages"]["pretrain"]["seconds"] == 100.0 and report["stages"]["dpo"]["seconds"] == 60.0
     assert report["seconds_total"] == 1 + 100 + 200 + 50 + 60 + 300   # what make demo runs: not --sweep's runs
@@ -147,7 +172,7 @@ def test_bars_are_computed_from_the_numbers(run_dir):
     reward.teacher_rank_correlation 0.65 >= 0.70             -> not met
     run.seconds_total 711 <= 900                             -> met"""
     _, report, *_ = run_dir
-    bars = report["bars"]
+    bars = bars_py.check_bars(report)
     expected = {"dpo.win_rate_vs_sft": True, "dpo.teacher_score": True, "dpo.fact_correct": False,
                 "ppo.fact_correct": True, "ppo.refusal_correct": True, "sft.correct_heldout_pupils": False,
                 "reward.teacher_rank_correlation": False, "run.seconds_total": True}
@@ -156,18 +181,19 @@ def test_bars_are_computed_from_the_numbers(run_dir):
     assert bars["dpo.teacher_score"]["threshold"] == 0.75 and bars["dpo.win_rate_vs_sft"]["value"] == 0.70
     # the same bar without its stage: not met, value null
     partial = {"stages": {"sft": {"teacher_score": 0.75, "fact_correct": 0.5}}, "seconds_total": 10.0}
-    assert check_bars(partial)["dpo.teacher_score"] == {**check_bars(partial)["dpo.teacher_score"],
+    assert bars_py.check_bars(partial)["dpo.teacher_score"] == {**bars_py.check_bars(partial)["dpo.teacher_score"],
                                                          "value": None, "met": False}
     # exactly 2 points below SFT is allowed, though 0.20 - 0.02 = 0.18000000000000002 in floats
     edge = {"stages": {"sft": {"fact_correct": 0.20}, "dpo": {"fact_correct": 0.18}}, "seconds_total": 900.0}
-    assert check_bars(edge)["dpo.fact_correct"]["met"] and check_bars(edge)["run.seconds_total"]["met"]
+    assert bars_py.check_bars(edge)["dpo.fact_correct"]["met"] and bars_py.check_bars(edge)["run.seconds_total"]["met"]
     edge["stages"]["dpo"]["fact_correct"] = 0.179
-    assert not check_bars(edge)["dpo.fact_correct"]["met"]
-    md = (run_dir[0] / "report.md").read_text()
+    assert not bars_py.check_bars(edge)["dpo.fact_correct"]["met"]
+    md = bars_py.render(report)
     row = next(line for line in md.splitlines() if "DPO: facts right, all pupils" in line)
     assert "47.0%" in row and "48.0%" in row and row.endswith("| not met |")
     row = next(line for line in md.splitlines() if "DPO: win rate" in line)
     assert row.endswith("| **met** |")
+    assert "## Bars" not in (run_dir[0] / "report.md").read_text()
 
 
 def test_intervals_by_hand():
@@ -176,16 +202,16 @@ def test_intervals_by_hand():
     1.959964 * 0.083072 / 1.192073 = 0.136584: [0.69897, 0.97214] (the textbook 0.699-0.972). 0 of
     20: [0, 2 * 0.080563 = 0.16113]. Win rate from 6 wins, 2 ties, 2 losses: mean 0.7, variance
     (6 * 0.3^2 + 2 * 0.2^2 + 2 * 0.7^2) / 10 = 0.16, half 1.959964 * sqrt(0.016) = 0.247918."""
-    assert wilson_interval(0.9, 20) == pytest.approx((0.69897, 0.97214), abs=1e-5)
-    assert wilson_interval(0.0, 20) == pytest.approx((0.0, 0.16113), abs=1e-5)
-    assert outcome_interval(6, 2, 2) == pytest.approx((0.452082, 0.947918), abs=1e-6)
-    assert bar_interval({"refusal_correct": 0.9, "refuse_rows": 20}, "refusal_correct") == \
+    assert bars_py.wilson_interval(0.9, 20) == pytest.approx((0.69897, 0.97214), abs=1e-5)
+    assert bars_py.wilson_interval(0.0, 20) == pytest.approx((0.0, 0.16113), abs=1e-5)
+    assert bars_py.outcome_interval(6, 2, 2) == pytest.approx((0.452082, 0.947918), abs=1e-6)
+    assert bars_py.bar_interval({"refusal_correct": 0.9, "refuse_rows": 20}, "refusal_correct") == \
         pytest.approx((0.69897, 0.97214), abs=1e-5)
-    assert bar_interval({"win_rate_vs_sft": 0.7, "wins": 6, "ties": 2, "losses": 2}, "win_rate_vs_sft") == \
+    assert bars_py.bar_interval({"win_rate_vs_sft": 0.7, "wins": 6, "ties": 2, "losses": 2}, "win_rate_vs_sft") == \
         pytest.approx((0.452082, 0.947918), abs=1e-6)
     # no count, no interval (older summaries); a bar over a count gets one in report.json
-    assert bar_interval({"refusal_correct": 0.9}, "refusal_correct") is None
-    bars = check_bars({"stages": {"dpo": {"refusal_correct": 0.9, "refuse_rows": 20}}, "seconds_total": 1.0})
+    assert bars_py.bar_interval({"refusal_correct": 0.9}, "refusal_correct") is None
+    bars = bars_py.check_bars({"stages": {"dpo": {"refusal_correct": 0.9, "refuse_rows": 20}}, "seconds_total": 1.0})
     assert bars["dpo.refusal_correct"]["interval95"] == pytest.approx([0.69897, 0.97214], abs=1e-5)
     assert bars["dpo.teacher_score"]["interval95"] is None and bars["run.seconds_total"]["interval95"] is None
 
@@ -211,7 +237,7 @@ def test_plots_are_valid_pngs_linked_from_the_markdown(run_dir):
     assert report["sweep"]["dpo-beta0.05"]["param"] == "beta" and report["sweep"]["ppo-kl0.01"]["value"] == 0.01
 
 
-def test_sample_answers_side_by_side(run_dir):
+def test_side_by_side_answers(run_dir):
     d, report, tok, _ = run_dir
     samples = report["samples"]
     # one prompt per category, refusal and sum first; the same prompts for every model
@@ -219,13 +245,18 @@ def test_sample_answers_side_by_side(run_dir):
     assert [list(s["answers"]) for s in samples] == [["pretrain", "sft", "dpo", "ppo"]] * 3
     assert samples[2]["answers"]["dpo"] == "dpo answer 2 | with a pipe"   # matched by prompt, not position
     assert samples[2]["answers"]["ppo"] is None                          # PPO answered two prompts only
-    # the pre-trained model's answers are its greedy continuations of the chat-templated prompts
+    # the pre-trained model's answers (written by pre-training for the first 4 side-by-side prompts,
+    # one batch) are its greedy continuations of the chat-templated prompts
     from lmschool.checkpoint import load_model
     model = load_model(d / "pretrain" / "model")
-    ids = [tok.render(s["prompt"], add_generation_prompt=True)[0] for s in samples]
+    rows = pick_prompts([{"prompt": p, "category": c} for p, c, _ in PROMPTS], 4)
+    ids = [tok.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
     out = generate(model, ids, max_new_tokens=48, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     expected = [tok.decode(t, skip_special=True).strip() for t in out.tokens]
-    assert [s["answers"]["pretrain"] for s in samples] == expected and all(expected)  # (seed 0 rambles bytes)
+    written = [json.loads(line) for line in (d / "pretrain" / "eval_answers.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in written] == [r["prompt"] for r in rows]
+    assert [r["response"] for r in written] == expected and all(expected)  # (seed 0 rambles bytes)
+    assert [s["answers"]["pretrain"] for s in samples] == expected[:3]
     md = (d / "report.md").read_text()
     assert "dpo answer 2 \\| with a pipe" in md and "Can I run in the corridor?" in md
 
@@ -244,11 +275,11 @@ def test_partial_run_and_the_command(tmp_path, capsys):
     (d / "pretrain").mkdir()
     write_jsonl(d / "pretrain" / "metrics.jsonl", [], torn_tail='{"step"')
     assert main(["report", str(d)]) == 0
-    assert "bars met" in capsys.readouterr().out
+    assert f"{d / 'report.md'}" in capsys.readouterr().out
     report = json.loads((d / "report.json").read_text())
     assert report["stages"]["world"]["pupils"] == 240 and report["stages"]["pretrain"]["status"] == "unfinished"
     assert report["plots"] == {} and report["seconds_total"] == 0
-    assert all(not b["met"] for name, b in report["bars"].items() if name != "run.seconds_total")
+    assert all(not b["met"] for name, b in bars_py.check_bars(report).items() if name != "run.seconds_total")
     assert [s["answers"] for s in report["samples"]] == [{}] * 4  # prompts from eval.jsonl, no model yet
     md = (d / "report.md").read_text()
     assert "## Stage 1: pre-training\n\n_started, not finished (no summary)_" in md
@@ -266,9 +297,27 @@ def test_bad_run_dir_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "report.md").exists()
 
 
-def test_importing_the_report_does_not_load_matplotlib():
-    """`lmschool --help` and `lmschool run` import this module; matplotlib loads only to draw."""
-    import subprocess
-    import sys
-    code = "import sys, lmschool.report; print('matplotlib' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+TORCH_SIDE = ["lmschool.model", "lmschool.generate", "lmschool.checkpoint", "lmschool.tokenizer", "lmschool.trainer",
+              "lmschool.stages"]
+
+
+def test_importing_the_report_does_not_load_matplotlib_or_torch():
+    """`lmschool --help` and `lmschool run` import this module; matplotlib loads only to draw, and the
+    report (and the pipeline's registry it reads) imports nothing torch-side."""
+    code = ("import sys, lmschool.report, lmschool.commands.report; "
+            f"print(sorted(m for m in sys.modules if m in ('torch', 'matplotlib') or m in {TORCH_SIDE!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
+def test_the_report_reads_files_only(run_dir):
+    """Writing a whole report (plots and the pre-trained model's answers included) runs no model:
+    no lmschool module that touches a model is loaded (torch itself only names its version)."""
+    d = run_dir[0]
+    code = (f"import sys; from lmschool.report import build_report; build_report({str(d)!r}, samples=3); "
+            f"print(sorted(m for m in sys.modules if m in {TORCH_SIDE!r} or m.startswith('lmschool.stages')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+    assert json.loads((d / "report.json").read_text())["samples"][0]["answers"]["pretrain"]

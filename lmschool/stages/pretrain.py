@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         }
         with torch.no_grad(), autocast(trainer.device, trainer.precision):
             summary.update(school_world_probes(model, tokenizer, args.data))
+        write_chat_answers(out, args.data)
         write_summary(out, summary)
         print(f"pretrain: val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits per byte, "
               f"{summary['steps']} steps in {summary['seconds']:.0f}s -> {out / 'model'}")
@@ -233,3 +234,34 @@ def fact_completion(model, tokenizer, world: dict, batch_size: int = 256, max_ne
         "fact_completion_seen": rate(v for (h, _), v in hits.items() if not h),
         "fact_completion_by_fact": {f: rate(v for (_, g), v in hits.items() if g == f) for f in FACT_TYPES},
     }
+
+
+def write_chat_answers(out: Path, data_paths: list[Path], max_new_tokens: int = 48) -> None:
+    """RUN/eval_answers.jsonl, when a school world is beside the data: the saved model's greedy
+    answers, through the chat template it has never seen (so it rambles), to the eval prompts the
+    report shows side by side (pick_prompts of the world's eval.jsonl). The report reads them as it
+    reads every later stage's answers, and runs no model itself. Written before summary.json, the
+    stage's done file, so a finished stage has them."""
+    from lmschool.checkpoint import atomic_write_text
+    from lmschool.data.jsonl import read_jsonl
+    from lmschool.report.collect import SIDE_BY_SIDE, pick_prompts
+
+    eval_file = next((p.parent / "eval.jsonl" for p in data_paths if (p.parent / "world.json").is_file()
+                      and (p.parent / "eval.jsonl").is_file()), None)
+    if eval_file is None:
+        return
+    rows = pick_prompts([row for _, row in read_jsonl(eval_file, "expected {\"prompt\": [...], ...}")], SIDE_BY_SIDE)
+    tokenizer = Tokenizer.load(out / "model")
+    if not rows or not tokenizer.has_chat_tokens:
+        return
+    with torch.random.fork_rng(devices=[]):   # loading draws an initialisation: later stages' RNG stays as it was
+        model = load_model(out / "model", head="lm").eval()
+    context = model.config.max_position_embeddings
+    max_new_tokens = min(max_new_tokens, context // 2)
+    ids = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0][-(context - max_new_tokens):] for r in rows]
+    with torch.no_grad():
+        generated = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
+                             stop_ids=tokenizer.stop_ids, pad_id=tokenizer.fill_id)
+    answers = [{"prompt": r["prompt"], "category": r.get("category"), "heldout": r.get("heldout"),
+                "response": tokenizer.decode(t, skip_special=True).strip()} for r, t in zip(rows, generated.tokens)]
+    atomic_write_text(out / "eval_answers.jsonl", "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))

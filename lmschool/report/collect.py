@@ -1,0 +1,267 @@
+"""Collecting a pipeline run's figures into report.json's shape, from the files its stages left.
+
+Reads, per stage of the registry (lmschool/pipeline.py: directory, done file, numbers file, kind),
+its numbers file (summary.json; the world's world.json, labelling's prefs.summary.json),
+DIR/timings.json, DIR/sweep/*/summary.json and each sampled model's eval_answers.jsonl. It runs no
+model and imports nothing torch-side (the pre-trained model's answers are written by pre-training
+itself); only `machine_info` imports torch, to name its version, threads and device.
+- **A partial run is a report too.** A stage without its done file is "not run" (or "unfinished"
+  when its directory exists); every key of REQUIRED is in report.json anyway, as null, so that tools
+  read one shape. Non-finite numbers become null (JSON has no NaN).
+- **Sample answers side by side** (`side_by_side_answers`): the same eval prompts, one per category
+  (`pick_prompts`), answered by the pre-trained, SFT, DPO and PPO models, from their eval_answers.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from lmschool.errors import UserError
+from lmschool.pipeline import BY_NAME, STAGES, Stage, names
+
+SAMPLE_MODELS = ["pretrain", "sft", "dpo", "ppo"]   # the side-by-side columns, in this order
+SIDE_BY_SIDE = 4                                    # eval prompts side by side (pre-training answers these)
+
+# Keys report.json always carries per stage (null when missing), as issue 8 lists them; by stage
+# name, or by kind for the policy stages (each judged the same way).
+REQUIRED = {
+    "pretrain": ["val_loss", "val_bpb", "fact_completion"],
+    "sft": ["teacher_score", "correct_heldout_pupils", "correct_train_pupils", "correct_arithmetic",
+            "fact_correct", "refusal_correct", "end_of_turn_rate"],
+    "reward": ["accuracy_noise_free", "accuracy_rater", "teacher_rank_correlation"],
+    "policy": ["teacher_score", "win_rate_vs_sft", "refusal_correct", "fact_correct", "kl_from_sft", "rm_reward"],
+}
+SAMPLED = ["win_rate_vs_sft_greedy", "teacher_score_sampled", "sft_teacher_score_sampled"]  # sweep runs keep these too
+BY_CATEGORY = ["teacher_score_by_category", "correct_by_category", "accuracy_by_category"]
+
+
+def required(stage: Stage) -> list[str]:
+    return REQUIRED.get(stage.name, REQUIRED.get(stage.kind, []))
+
+
+# ---- reading the run directory ---------------------------------------------------------------
+
+def read_json_object(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rerun the stage that writes it") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a {type(value).__name__}, expected a JSON object")
+    return value
+
+
+def read_jsonl_rows(path: Path) -> list[dict]:
+    """The JSON objects of a file, one a line; a torn line (a run killed mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _clean(value):
+    """Finite numbers as floats/ints, dicts of them cleaned; NaN/inf -> None; others dropped."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items() if isinstance(v, (int, float, dict))}
+    return None
+
+
+def stage_entry(run_dir: Path, stage: Stage, timings: dict) -> dict:
+    """stages.<stage> of report.json: status, seconds, the numbers file's numbers (required keys always)."""
+    directory = stage.directory(run_dir)
+    if stage.done(run_dir):
+        status = "done"
+    else:
+        status = "unfinished" if directory.is_dir() else "not run"
+    summary = (read_json_object(directory / stage.numbers_file) if status == "done" else None) or {}
+    if stage.kind == "world":  # the generator's counts, not a training summary
+        counts = summary.get("summary", {})
+        summary = {"pupils": counts.get("pupils"), "heldout_pupils": counts.get("heldout_pupils"),
+                   "corpus_documents": counts.get("corpus", {}).get("documents"),
+                   "sft_conversations": counts.get("sft", {}).get("conversations"),
+                   "eval_rows": counts.get("eval", {}).get("rows")}
+    entry = {"status": status}
+    for key, value in summary.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            entry[key] = _clean(value)
+        elif key in BY_CATEGORY and isinstance(value, dict):
+            entry[key] = _clean(value)
+    for key in required(stage):
+        entry.setdefault(key, None)
+    seconds = timings.get(stage.name, summary.get("seconds"))
+    entry["seconds"] = _clean(float(seconds)) if isinstance(seconds, (int, float)) else None
+    return entry
+
+
+_SWEEP_NAME = re.compile(r"^(?P<method>[a-z]+)-(?P<param>[a-z_]+?)(?P<value>[0-9][0-9.e+-]*)$")
+
+
+def sweep_entries(run_dir: Path) -> dict:
+    """DIR/sweep/<method>-<param><value>/summary.json -> {name: {method, param, value, numbers}}."""
+    root = run_dir / "sweep"
+    out = {}
+    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+        match = _SWEEP_NAME.match(directory.name)
+        summary = read_json_object(directory / "summary.json")
+        if match is None or summary is None:
+            continue
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        out[directory.name] = {"method": match["method"], "param": match["param"], "value": value,
+                               **{k: _clean(summary.get(k)) for k in [*REQUIRED["policy"], *SAMPLED]}}
+    return out
+
+
+def machine_info() -> dict:
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    import lmschool
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "tokenizers": version("tokenizers"), "numpy": version("numpy"),
+            "matplotlib": version("matplotlib"), "lmschool": lmschool.__version__}
+
+
+# ---- sample answers side by side ------------------------------------------------------------
+
+_CATEGORY_ORDER = ["refuse", "arithmetic", "fact_town", "smalltalk", "fact_pet", "story"]
+
+
+def _prompt_key(prompt) -> str:
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def pick_prompts(rows: list[dict], n: int) -> list[dict]:
+    """n rows of distinct categories (refusal, sum, fact, small talk first), in a fixed order."""
+    firsts: dict[str, dict] = {}
+    for row in rows:
+        if row.get("prompt") and row.get("category") not in firsts:
+            firsts[row.get("category")] = row
+    order = sorted(firsts, key=lambda c: (_CATEGORY_ORDER.index(c) if c in _CATEGORY_ORDER else 99, str(c)))
+    chosen = [firsts[c] for c in order][:n]
+    taken = {_prompt_key(r["prompt"]) for r in chosen}
+    chosen += [r for r in rows if r.get("prompt") and _prompt_key(r["prompt"]) not in taken][:n - len(chosen)]
+    return chosen
+
+
+def side_by_side_answers(run_dir: Path, n: int) -> list[dict]:
+    """[{prompt, category, answers: {model: text | None}}] for n eval prompts; the same prompts for
+    every model of SAMPLE_MODELS that wrote eval_answers.jsonl, matched by prompt. Prompts come from
+    the first of SFT, DPO, PPO with answers (every eval prompt), else world/eval.jsonl."""
+    if n <= 0:
+        return []
+    records = {m: read_jsonl_rows(BY_NAME[m].directory(run_dir) / "eval_answers.jsonl") for m in SAMPLE_MODELS}
+    source = next((r for m, r in records.items() if r and m != "pretrain"), None) or \
+        read_jsonl_rows(run_dir / "world" / "eval.jsonl")
+    rows = pick_prompts(source, n)
+    if not rows:
+        return []
+    samples = [{"prompt": r["prompt"], "category": r.get("category"), "answers": {}} for r in rows]
+    for model in SAMPLE_MODELS:
+        if not records[model]:
+            continue
+        by_prompt = {_prompt_key(r.get("prompt")): r for r in records[model]}
+        for sample in samples:
+            found = by_prompt.get(_prompt_key(sample["prompt"]))
+            sample["answers"][model] = found.get("response") if found else None
+    return samples
+
+
+# ---- the figures, together -----------------------------------------------------------------
+
+def frontier_points(report: dict) -> list[dict]:
+    """Teacher score against KL from SFT: SFT at KL 0, each policy stage, each sweep run.
+
+    The score is that of the answers sampled at temperature 1 (the ones the KL is measured on, as
+    in the DPO paper's frontier) where every point has it, else that of the greedy answers."""
+    runs = [(stage, False, report["stages"].get(stage, {})) for stage in names("policy")]
+    runs += [(name, True, s) for name, s in report.get("sweep", {}).items()]
+    runs = [(name, sweep, s) for name, sweep, s in runs
+            if s.get("teacher_score") is not None and s.get("kl_from_sft") is not None]
+    sampled = bool(runs) and all(s.get("teacher_score_sampled") is not None for _, _, s in runs)
+    key = "teacher_score_sampled" if sampled else "teacher_score"
+    points = []
+    sft = report["stages"].get("sft", {})
+    sft_score = runs[0][2].get("sft_teacher_score_sampled") if sampled else sft.get("teacher_score")
+    if sft_score is not None:
+        points.append({"method": "sft", "label": "SFT", "kl_from_sft": 0.0, "teacher_score": sft_score,
+                       "score": key})
+    for name, sweep, s in runs:
+        point = {"method": s["method"] if sweep else name, "label": name if sweep else BY_NAME[name].title,
+                 "kl_from_sft": s["kl_from_sft"], "teacher_score": s[key], "score": key}
+        if sweep:
+            point.update(sweep=True, param=s["param"], value=s["value"])
+        points.append(point)
+    return points
+
+
+def read_timings(run_dir: Path) -> dict[str, float]:
+    return {k: float(v) for k, v in (read_json_object(run_dir / "timings.json") or {}).items()
+            if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def collect(run_dir: Path, *, created: str) -> dict:
+    """report.json's figures but the plots and the side-by-side answers: the stages, their times,
+    the machine, the sweep and the frontier's points."""
+    timings = read_timings(run_dir)
+    stages = {s.name: stage_entry(run_dir, s, timings) for s in STAGES}
+    seconds = dict(timings)
+    for s in stages:
+        if s not in seconds and stages[s]["seconds"] is not None:
+            seconds[s] = stages[s]["seconds"]
+    world = read_json_object(run_dir / "world" / "world.json") or {}
+    report = {
+        "run_dir": str(run_dir),
+        "created": created,
+        "preset": world.get("preset"),
+        # the pipeline's own stages (what `make demo` runs); --sweep runs are counted apart
+        "seconds_total": sum(v for s, v in seconds.items() if not s.startswith("sweep/")),
+        "seconds_sweep": sum(v for s, v in seconds.items() if s.startswith("sweep/")),
+        "seconds": seconds,
+        "machine": machine_info(),
+        "stages": stages,
+        "sweep": sweep_entries(run_dir),
+    }
+    report["frontier"] = frontier_points(report)
+    return report
