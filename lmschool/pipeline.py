@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lmschool.checkpoint import atomic_write_text
+from lmschool.files import atomic_write_text
 from lmschool.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmschool.checkpoint import atomic_write_text
+from lmschool.files import atomic_write_text
 from lmschool.errors import UserError
 
 POLICY_STAGES = ["dpo", "ipo", "simpo", "ppo", "grpo"]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lmschool import config as config_lib
-from lmschool.checkpoint import atomic_write_text
+from lmschool.files import atomic_write_text
 from lmschool.errors import UserError
 
 
