@@ -46,7 +46,8 @@ from typing import Literal
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import atomic_write_text, load_model, model_extra, read_config, resolve
+from lmschool.files import atomic_write_text
+from lmschool.checkpoint import load_model, model_extra, read_config, resolve
 from lmschool.config import check
 from lmschool.data.preference import PairBatches, read_pairs
 from lmschool.data.jsonl import read_jsonl

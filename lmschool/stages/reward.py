@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import atomic_write_text, check_kind, load_model, model_extra, read_config, resolve
+from lmschool.files import atomic_write_text
+from lmschool.checkpoint import check_kind, load_model, model_extra, read_config, resolve
 from lmschool.config import check
 from lmschool.data.preference import Pair, PairBatches, collate_pairs, encode_pair, read_pairs, response_batch
 from lmschool.errors import DataError, UserError

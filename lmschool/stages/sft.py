@@ -37,7 +37,8 @@ from typing import Literal
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import atomic_write_text, load_model, read_config, resolve
+from lmschool.files import atomic_write_text
+from lmschool.checkpoint import load_model, read_config, resolve
 from lmschool.config import check
 from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
