@@ -2,11 +2,12 @@
 
     lmschool <stage> --out DIR [--config FILE] [--resume | --force] [key=value ...]
 
-The preamble, in the order a stage calls it, everything checked before --out is touched:
-`open_init` (the policy checkpoint to start from and its chat tokenizer), `max_length` (the
-longest sequence: the config key, or --init's context, never more), `open_run` (--out: new,
-resumed or replaced), `check_same_data` (a resumed run reads the data it started with, as
-RUN/data.json records), `check_vocab` (every token id has a row in the model's embedding).
+The preamble, in the order a stage calls it: before --out is touched, `open_init` (the policy
+checkpoint to start from and its chat tokenizer) and `max_length` (the longest sequence: the
+config key, or --init's context, never more); then `open_run` (--out: new, resumed or replaced),
+`check_same_data` (a resumed run reads the data it started with, as RUN/data.json records;
+`write_data_info` writes that file) and, once the model is loaded, `check_vocab` (every token id
+has a row in the model's embedding).
 
 A run directory that already holds a run is never silently overwritten: `--resume` continues it
 from its latest checkpoint, `--force` replaces it; otherwise the command stops before any work.

@@ -46,7 +46,6 @@ from typing import Literal
 import torch
 
 from lmschool import distributed
-from lmschool.files import atomic_write_text
 from lmschool.checkpoint import check_kind, load_model, resolve
 from lmschool.config import check
 from lmschool.data.preference import PairBatches, read_pairs
@@ -55,6 +54,7 @@ from lmschool.data.unpaired import UnpairedBatches, check_labels, read_unpaired
 from lmschool.errors import UserError
 from lmschool.data.prompts import read_prompts
 from lmschool.evaluate import evaluate_policy, load_scorer, school_teacher
+from lmschool.files import atomic_write_text
 from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, kto_kl, needs_reference,
                                         paired_loss, sequence_logprobs)
 from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, load_stage_config,

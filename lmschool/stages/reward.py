@@ -48,11 +48,11 @@ import numpy as np
 import torch
 
 from lmschool import distributed
-from lmschool.files import atomic_write_text
 from lmschool.checkpoint import load_model, model_extra
 from lmschool.config import check
 from lmschool.data.preference import Pair, PairBatches, collate_pairs, encode_pair, read_pairs, response_batch
 from lmschool.errors import DataError
+from lmschool.files import atomic_write_text
 from lmschool.losses.reward import reward_loss, sequence_rewards
 from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, load_stage_config,
                                     max_length, open_init, open_run, save_resolved_config, write_data_info,

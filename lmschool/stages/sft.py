@@ -37,7 +37,6 @@ from typing import Literal
 import torch
 
 from lmschool import distributed
-from lmschool.files import atomic_write_text
 from lmschool.checkpoint import load_model
 from lmschool.config import check
 from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
@@ -45,6 +44,7 @@ from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint,
 from lmschool.data.text import check_data
 from lmschool.data.prompts import read_prompts
 from lmschool.evaluate import evaluate_generations, load_scorer, school_teacher
+from lmschool.files import atomic_write_text
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
 from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, load_stage_config,
                                     max_length, open_init, open_run, save_resolved_config, write_data_info,
