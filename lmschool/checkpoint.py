@@ -17,9 +17,7 @@ resume state: no pickled code from a file is ever executed.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -27,39 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmschool.errors import UserError
+from lmschool.files import atomic_dir
 from lmschool.hf import from_hf_config, to_hf_config
 from lmschool.model import Transformer, init_weights
 
 STATE_FILE = "trainer_state.pt"
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary directory that replaces `path` only when the block finishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra: dict | None = None) -> None:

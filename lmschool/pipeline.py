@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmschool.errors import UserError
+from lmschool.files import atomic_write_text
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEACHER = "teacher"  # lmschool ppo: the school world's teacher of the world.json beside --prompts
@@ -205,7 +206,6 @@ def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: 
                overrides: list[str] = ()) -> int:
     """Run every stage not done yet (after removing from_stage and later ones), in order; return
     the first failing stage's exit status, else 0. Stage times add up in DIR/timings.json."""
-    from lmschool.checkpoint import atomic_write_text
     from lmschool.cli import main as cli_main
 
     per_stage = split_overrides(list(overrides))

@@ -259,6 +259,18 @@ def test_reward_model_as_init_is_refused(tok, world, tmp_path, capsys):
     assert "is a reward model" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
+def test_resume_with_other_data_is_refused(world, sft_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert dpo(sft_run, world / "prefs.jsonl", out, "max_steps=2", "save_every=1") == 0
+    (out / "summary.json").unlink()                                  # as if it had stopped before the end
+    lines = (world / "prefs.jsonl").read_text().splitlines()
+    other = write_jsonl(tmp_path / "other.jsonl", lines[: len(lines) // 2])
+    capsys.readouterr()
+    assert dpo(sft_run, other, out, "max_steps=2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "training data differs" in err and str(out / "data.json") in err and str(other) in err
+
+
 def test_existing_run_is_not_overwritten(world, sft_run, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

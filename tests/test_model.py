@@ -129,28 +129,46 @@ def test_wrong_head_is_a_clear_error(tmp_path):
     assert critic.head == "score"
 
 
-def test_segment_mask_isolates_packed_examples():
-    """Two examples packed in one row give the same logits as each alone."""
+def test_segment_ids_isolate_packed_examples():
+    """Two examples packed in one row give the same logits as each alone; the model builds the
+    mask from segment_ids (the data emits no mask), exactly the mask `segment_mask` makes."""
     model = build_model(tiny()).eval()
     a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
     packed = torch.cat([a, b], dim=1)
     seg = torch.tensor([[0] * 7 + [1] * 5])
     pos = torch.tensor([list(range(7)) + list(range(5))])
     with torch.no_grad():
-        out = model(packed, position_ids=pos, attn_mask=segment_mask(seg))
+        out = model(packed, position_ids=pos, segment_ids=seg)
         assert torch.allclose(out[:, :7], model(a), atol=1e-5)
         assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
+        assert torch.equal(out, model(packed, position_ids=pos, attn_mask=segment_mask(seg)))
 
 
-def test_left_padding_mask_matches_unpadded():
-    model = build_model(tiny()).eval()
-    x = torch.randint(1, 97, (1, 6))
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)
-    valid = torch.tensor([[False] * 3 + [True] * 6])
-    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+@pytest.mark.parametrize("head", ["lm", "score"])
+def test_left_padding_equals_right_padding(head):
+    """Rows of different lengths, left-padded with position_ids counting real tokens only and
+    either a padding mask or segment ids (-1 at the pads), give each row's last-token output
+    (a reward model's reward) and every real position as right padding and as each row alone."""
+    model = build_model(tiny(), head=head, seed=4).eval()
+    lengths = [6, 9, 4]
+    rows = [torch.randint(1, 97, (n,)) for n in lengths]
+    B, T = len(rows), max(lengths)
+    right = torch.zeros(B, T, dtype=torch.long)
+    left = torch.zeros(B, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        right[i, :len(r)], left[i, T - len(r):] = r, r
+    valid = left != 0                                                               # (B, T)
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)                                # (B, T)
+    seg = torch.where(valid, 0, -1)                                                 # (B, T)
     with torch.no_grad():
-        out = model(padded, position_ids=pos, attn_mask=padding_mask(valid))
-        assert torch.allclose(out[:, 3:], model(x), atol=1e-5)
+        alone = [model(r[None])[0] for r in rows]
+        by_right = model(right)
+        for left_out in (model(left, position_ids=pos, attn_mask=padding_mask(valid)),
+                         model(left, position_ids=pos, segment_ids=seg)):
+            for i, n in enumerate(lengths):
+                assert torch.allclose(left_out[i, T - n:], alone[i], atol=1e-5)
+                assert torch.allclose(by_right[i, :n], alone[i], atol=1e-5)
+                assert torch.allclose(left_out[i, -1], by_right[i, n - 1], atol=1e-5)    # the last token
 
 
 def test_kv_cache_equals_full_recompute():

@@ -76,3 +76,16 @@ def test_missing_file_unknown_key_and_existing_run(tmp_path, capsys, text_file):
     assert main(["pretrain", "--data", str(text_file), "--out", str(out)]) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_resume_with_other_text_is_refused(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(text_file), "--out", str(out), *TINY, "max_steps=4", "save_every=2"]) == 0
+    (out / "summary.json").unlink()                                  # as if it had stopped before the end
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text(encoding="utf-8") + "One more line.\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(other), "--out", str(out), "--resume", *TINY, "max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "training data differs" in err and str(out / "data.json") in err and str(other) in err
+    assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--resume", *TINY, "max_steps=4"]) == 0

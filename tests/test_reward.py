@@ -114,6 +114,21 @@ PROMPTS = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "Wh
 RESPONSES = ["Hello there, friend.", "Four.", "A cat."]
 
 
+def left_padded(batch: dict) -> dict:
+    """`batch`'s right-padded rows moved to the right end (the pads, still pad ids, on the left),
+    with position_ids counting real tokens only, segment_ids -1 at the pads (from which the model
+    builds its mask), and every last_index T - 1."""
+    T = batch["input_ids"].shape[1]
+    lengths = batch["last_index"] + 1                                        # (B,)
+    shift = T - lengths                                                      # (B,)
+    index = (torch.arange(T)[None, :] - shift[:, None]) % T                  # (B, T) gather right -> left
+    valid = torch.arange(T)[None, :] >= shift[:, None]                       # (B, T)
+    return {"input_ids": batch["input_ids"].gather(1, index),
+            "position_ids": (valid.long().cumsum(-1) - 1).clamp(min=0),      # (B, T)
+            "segment_ids": torch.where(valid, 0, -1),                        # (B, T)
+            "last_index": torch.full_like(lengths, T - 1)}
+
+
 def test_reward_read_at_the_last_token_with_left_and_right_padding(tok):
     model = build_model(tiny_cfg(tok), head="score", seed=4).eval()
     with torch.no_grad():
@@ -124,7 +139,7 @@ def test_reward_read_at_the_last_token_with_left_and_right_padding(tok):
             alone.append(model(single["input_ids"])[0, -1])
         alone = torch.stack(alone)
         right = response_batch(tok, PROMPTS, RESPONSES, max_len=96)
-        left = response_batch(tok, PROMPTS, RESPONSES, max_len=96, padding_side="left")
+        left = left_padded(right)
         assert (right["input_ids"][torch.arange(3), right["last_index"]] == tok.im_end_id).all()
         assert (right["input_ids"] == tok.pad_id).any() and (left["input_ids"] == tok.pad_id).any()
         assert torch.allclose(sequence_rewards(model, right), alone, atol=1e-5)
@@ -147,8 +162,8 @@ def test_transformers_reads_our_reward_checkpoint_to_the_same_rewards(tok, tmp_p
         ours = sequence_rewards(model, batch)
         theirs = hf(batch["input_ids"]).logits[:, 0]     # pooled at each row's last non-pad token
         assert (ours - theirs).abs().max().item() <= 1e-4
-        left = response_batch(tok, PROMPTS, RESPONSES, max_len=96, padding_side="left")
-        valid = (left["input_ids"] != tok.pad_id).long()
+        left = left_padded(response_batch(tok, PROMPTS, RESPONSES, max_len=96))
+        valid = (left["segment_ids"] == 0).long()
         theirs = hf(left["input_ids"], attention_mask=valid, position_ids=left["position_ids"]).logits[:, 0]
         assert (sequence_rewards(model, left) - theirs).abs().max().item() <= 1e-4
     # the bias is ours to subtract: score_responses applies it

@@ -110,9 +110,12 @@ def examples_of(tok, n=12):
 
 def per_example_loss(model, batch, n) -> torch.Tensor:
     with torch.no_grad():
-        logits = model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
+        logits = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                       segment_ids=batch.get("segment_ids"))
     nll = token_nll(logits, batch["labels"]).double()                               # (B, T)
-    seg, on = batch["segment_ids"], batch["labels"] != IGNORE
+    B, T = batch["input_ids"].shape                                                 # padded: example i is row i
+    seg = batch.get("segment_ids", torch.arange(B)[:, None].expand(B, T))
+    on = batch["labels"] != IGNORE
     total = torch.zeros(n, dtype=torch.float64).index_add_(0, seg[on], nll[on])
     count = torch.zeros(n, dtype=torch.float64).index_add_(0, seg[on], torch.ones_like(nll[on]))
     return total / count
@@ -205,8 +208,11 @@ def test_batches_are_a_pure_function_of_the_step(tok):
     split = [b["input_ids"].shape[0] for b in data.micro_batches(1, 2, 0, 1)]
     assert split == [4, 4]
     two = SFTBatches(examples, 8, seed=0, bucket_batches=3).micro_batches(1, 1, 0, 1)[0]
-    got = torch.cat([b["segment_ids"].ne(-1).sum(1) for b in data.micro_batches(1, 2, 0, 1)])
-    assert sorted(got.tolist()) == sorted(two["segment_ids"].ne(-1).sum(1).tolist())
+
+    def conversations(batch):  # each row without its right padding (pad_id 0, which no conversation holds)
+        return [tuple(row[:int(row.nonzero().max()) + 1].tolist()) for row in batch["input_ids"]]
+    got = [c for b in data.micro_batches(1, 2, 0, 1) for c in conversations(b)]
+    assert sorted(got) == sorted(conversations(two))
     # bucketing: a batch holds examples of similar length, so it pads less than random batches
     def padding(bucket):
         d = SFTBatches(examples, 4, seed=0, bucket_batches=bucket, pad_multiple=1)

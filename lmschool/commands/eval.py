@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmschool.checkpoint import atomic_write_text, load_model, resolve
+    from lmschool.checkpoint import load_model, resolve
+    from lmschool.files import atomic_write_text
     from lmschool.errors import UserError
     from lmschool.data.prompts import read_prompts
     from lmschool.evaluate import evaluate_generations

@@ -12,14 +12,13 @@ directory beside --out and renamed into place: --out is complete or untouched.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from lmschool.data.text import check_data, iter_texts
 from lmschool.errors import UserError
+from lmschool.files import atomic_dir
 from lmschool.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 
@@ -54,24 +53,6 @@ def prepare_out(out: Path, force: bool) -> None:
                         "or choose another directory")
 
 
-def save_atomically(tokenizer: Tokenizer, out: Path) -> None:
-    """Save into a temporary directory beside `out`, then swap it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
-        tokenizer.save(staging)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{staging.name}")
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.byte_level and args.vocab_size is not None:
         raise UserError(f"--byte-level has exactly {len(SPECIAL_TOKENS) + 256} tokens; drop --vocab-size")
@@ -86,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
 
     n_tokens = count_tokens(tokenizer, args.data)
-    save_atomically(tokenizer, args.out)
+    with atomic_dir(args.out) as staging:  # the old tokenizer stays until the new one is complete
+        tokenizer.save(staging)
     kind = "byte-level" if args.byte_level else "byte-level BPE"
     print(f"{kind} tokenizer: {tokenizer.vocab_size} tokens ({len(SPECIAL_TOKENS)} special), trained in "
           f"{seconds:.1f}s on {data_bytes / 1e6:.2f} MB from {len(args.data)} file(s)")

@@ -27,6 +27,7 @@ batch element, so the model does not over-fit to a prompt seen across many steps
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,32 +233,21 @@ def collate_unique(encoded: list[tuple], pad_id: int, pad_multiple: int = 1) -> 
     return batch
 
 
-def response_batch(tokenizer, prompts: list[list[dict]], responses: list[str], max_len: int,
-                   padding_side: str = "right") -> dict:
-    """Rows of single (prompt, response) sequences, e.g. to score answers with a reward model.
-
-    Right padding: input_ids, labels, last_index, response_len as in `collate_rows`. Left
-    padding adds position_ids (B, T) counting real tokens only and attn_mask (B, 1, T, T), and
-    every last_index is T - 1."""
+def response_batch(tokenizer, prompts: list[list[dict]], responses: list[str], max_len: int) -> dict:
+    """Right-padded rows of single (prompt, response) sequences, e.g. to score answers with a
+    reward model: input_ids, labels, last_index, response_len as in `collate_rows`."""
     rows = [fit_to_length(*encode_response(tokenizer, p, r), max_len, f"answer {i}")
             for i, (p, r) in enumerate(zip(prompts, responses))]
-    batch = collate_rows(rows, tokenizer.fill_id)
-    if padding_side == "right":
-        return batch
-    if padding_side != "left":
-        raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
-    from lmschool.model import padding_mask
-    T = batch["input_ids"].shape[1]
-    lengths = batch["last_index"] + 1                                        # (B,)
-    shift = T - lengths                                                      # (B,)
-    index = (torch.arange(T)[None, :] - shift[:, None]) % T                  # (B, T) gather right -> left
-    valid = torch.arange(T)[None, :] >= shift[:, None]                       # (B, T)
-    for key in ("input_ids", "labels"):
-        batch[key] = batch[key].gather(1, index)
-    batch["position_ids"] = (valid.long().cumsum(-1) - 1).clamp(min=0)       # (B, T)
-    batch["attn_mask"] = padding_mask(valid)                                 # (B, 1, T, T)
-    batch["last_index"] = torch.full_like(lengths, T - 1)
-    return batch
+    return collate_rows(rows, tokenizer.fill_id)
+
+
+def fingerprint(sequences) -> str:
+    """A hash of integer sequences (token ids and markers between them): a resumed run checks
+    that its data did not change."""
+    h = hashlib.sha256()
+    for seq in sequences:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---- batches as a pure function of the step -----------------------------------------------------
@@ -317,6 +307,10 @@ class PairBatches:
 
     def __len__(self) -> int:
         return len(self.encoded)
+
+    def fingerprint(self) -> str:
+        """A hash of the encoded pairs (tokens and prompt lengths), for RUN/data.json."""
+        return fingerprint(c + [-1, cp, -2] + r + [-1, rp, -3] for (c, cp), (r, rp) in self.encoded)
 
     def length(self, i: int) -> int:
         """Tokens in the longer row of pair i."""

@@ -31,9 +31,10 @@ training examples. Two layouts:
         steps (G = global batch); each epoch's permutation leaves out another N mod G.
     packed (packing=true): the epoch's conversations are packed (best-fit decreasing, 1024 at a
         time) into rows of up to max_seq_len tokens, and batch_size counts rows, as in TRL. Each
-        conversation has its own position ids (0, 1, ...) and a `segment_mask` lets it attend only
-        to itself, so packing changes no conversation's loss (tested against padding and against
-        one at a time). Steps per epoch come from epoch 0's row count.
+        conversation has its own position ids (0, 1, ...) and segment id, from which the model
+        builds a mask that lets it attend only to itself, so packing changes no conversation's
+        loss (tested against padding and against one at a time). Steps per epoch come from
+        epoch 0's row count.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ import torch
 from lmschool.data.jsonl import check_conversation, read_jsonl
 from lmschool.errors import DataError
 from lmschool.losses.lm import IGNORE
-from lmschool.model import segment_mask
 
 FORMAT_HINT = ('expected {"messages": [{"role": ..., "content": ...}, ...]} or '
                '{"prompt": ..., "completion": ...}')
@@ -185,18 +185,16 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def pad_batch(examples: list[Example], pad_id: int, pad_multiple: int = 1) -> dict:
-    """Right-padded rows, one example each. Returns input_ids, labels (B, T), segment_ids (B, T)
-    (row index at real tokens, -1 at padding), num_targets, num_tokens (real tokens)."""
+    """Right-padded rows, one example each. Returns input_ids, labels (B, T), num_targets,
+    num_tokens (real tokens). Causal attention needs no mask: a real token never sees the padding."""
     B, T = len(examples), _round_up(max(len(e) for e in examples), pad_multiple)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    segment_ids = torch.full((B, T), -1, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e)
         input_ids[i, :n] = torch.from_numpy(e.input_ids)
         labels[i, :n] = torch.from_numpy(e.labels)
-        segment_ids[i, :n] = i
-    return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids,
+    return {"input_ids": input_ids, "labels": labels,
             "num_targets": int((labels != IGNORE).sum()), "num_tokens": sum(len(e) for e in examples)}
 
 
@@ -220,8 +218,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 def pack_batch(examples: list[Example], rows: list[list[int]], pad_id: int, pad_multiple: int = 1) -> dict:
     """Rows of packed examples (`rows`: indices into `examples`, one list per row). Returns
     input_ids, labels, position_ids (restarting at 0 for each example), segment_ids (the example's
-    index in `examples`, -1 at padding) (R, T), attn_mask (R, 1, T, T) = segment_mask(segment_ids),
-    num_targets, num_tokens (real tokens)."""
+    index in `examples`, -1 at padding) (R, T), num_targets, num_tokens (real tokens). The model
+    builds the attention mask from segment_ids (`lmschool.model.segment_mask`)."""
     fill = max(sum(len(examples[i]) for i in row) for row in rows)
     R, T = len(rows), _round_up(fill, pad_multiple)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
@@ -238,7 +236,7 @@ def pack_batch(examples: list[Example], rows: list[list[int]], pad_id: int, pad_
             segment_ids[r, start:start + n] = i
             start += n
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "segment_ids": segment_ids, "attn_mask": segment_mask(segment_ids),
+            "segment_ids": segment_ids,
             "num_targets": int((labels != IGNORE).sum()),
             "num_tokens": sum(len(examples[i]) for row in rows for i in row)}
 

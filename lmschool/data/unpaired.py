@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmschool.data.preference import (SPLITS, collate_rows, encode_response, fit_to_length, parse_pair,
-                                      read_answer, step_indices)
+from lmschool.data.preference import (SPLITS, collate_rows, encode_response, fingerprint, fit_to_length,
+                                      parse_pair, read_answer, step_indices)
 from lmschool.data.jsonl import check_conversation, read_jsonl
 from lmschool.errors import DataError
 
@@ -143,6 +143,11 @@ class UnpairedBatches:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def fingerprint(self) -> str:
+        """A hash of the encoded answers, their KL rows and labels, for RUN/data.json."""
+        return fingerprint(ids + [-1, p, -2] + kl + [-1, kp, -3, int(e.label)]
+                           for (ids, p), (kl, kp), e in zip(self.rows, self.kl_rows, self.examples))
 
     def length(self, i: int) -> int:
         """Tokens in the longer row of example i (its answer or its KL row)."""

@@ -22,10 +22,10 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Mean next-token loss over target tokens. batch: input_ids (B, T), labels (B, T),
-    optional position_ids (B, T) and attn_mask (B, 1, T, T) for packed or padded rows."""
+    """Mean next-token loss over target tokens. batch: input_ids (B, T), labels (B, T), and for
+    packed rows position_ids and segment_ids (B, T) (the model attends within each segment)."""
     logits = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                   attn_mask=batch.get("attn_mask"))                        # (B, T, V)
+                   segment_ids=batch.get("segment_ids"))                    # (B, T, V)
     labels = batch["labels"]
     n = (labels != IGNORE).sum().clamp(min=1)
     loss = token_nll(logits, labels).sum() / n
@@ -39,6 +39,6 @@ def target_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, d
     labels = batch["labels"]
     at = labels != IGNORE                                                   # (B, T)
     logits = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                   attn_mask=batch.get("attn_mask"), at=at)                 # (N, V)
+                   segment_ids=batch.get("segment_ids"), at=at)             # (N, V)
     nll = F.cross_entropy(logits.float(), labels[at], reduction="sum")
     return nll / at.sum().clamp(min=1), {}

@@ -29,9 +29,9 @@ def rewards_at(scores: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
 
 def sequence_rewards(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Raw rewards (no bias) of a batch's rows: input_ids (B, T), last_index (B,), optional
-    position_ids and attn_mask (left padding) -> (B,)."""
+    position_ids and segment_ids (B, T) (e.g. left padding: segment -1 at the pads) -> (B,)."""
     scores = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                   attn_mask=batch.get("attn_mask"))                             # (B, T)
+                   segment_ids=batch.get("segment_ids"))                         # (B, T)
     return rewards_at(scores, batch["last_index"])
 
 

@@ -16,16 +16,10 @@ import time
 from pathlib import Path
 
 from lmschool.errors import UserError
+from lmschool.files import atomic_write_text
 from lmschool.report.collect import SIDE_BY_SIDE, collect, side_by_side_answers
 from lmschool.report.markdown import render_markdown
 from lmschool.report.plots import draw_plots
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # checkpoint.atomic_write_text does the same, but importing lmschool.checkpoint loads torch
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def build_report(run_dir: Path, *, samples: int = SIDE_BY_SIDE) -> dict:
@@ -38,7 +32,7 @@ def build_report(run_dir: Path, *, samples: int = SIDE_BY_SIDE) -> dict:
     report = collect(run_dir, created=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     report["plots"] = draw_plots(run_dir, report["frontier"])
     report["samples"] = side_by_side_answers(run_dir, samples)
-    _write_atomically(run_dir / "report.json",
+    atomic_write_text(run_dir / "report.json",
                       json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    _write_atomically(run_dir / "report.md", render_markdown(report) + "\n")
+    atomic_write_text(run_dir / "report.md", render_markdown(report) + "\n")
     return report

@@ -1,6 +1,13 @@
-"""What every training stage's command shares: arguments, the run directory, config, summary.
+"""What every training stage's command shares: arguments, the preamble, the run directory, summary.
 
     lmschool <stage> --out DIR [--config FILE] [--resume | --force] [key=value ...]
+
+The preamble, in the order a stage calls it: before --out is touched, `open_init` (the policy
+checkpoint to start from and its chat tokenizer) and `max_length` (the longest sequence: the
+config key, or --init's context, never more); then `open_run` (--out: new, resumed or replaced),
+`check_same_data` (a resumed run reads the data it started with, as RUN/data.json records;
+`write_data_info` writes that file) and, once the model is loaded, `check_vocab` (every token id
+has a row in the model's embedding).
 
 A run directory that already holds a run is never silently overwritten: `--resume` continues it
 from its latest checkpoint, `--force` replaces it; otherwise the command stops before any work.
@@ -9,6 +16,7 @@ from its latest checkpoint, `--force` replaces it; otherwise the command stops b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -16,8 +24,13 @@ import time
 from pathlib import Path
 
 from lmschool import config as config_lib
-from lmschool.checkpoint import atomic_write_text
+from lmschool.checkpoint import check_kind, read_config, resolve
 from lmschool.errors import UserError
+from lmschool.files import atomic_write_text
+from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
+
+DATA_FILE = "data.json"
+"""RUN/data.json: what the run trains on (its fingerprint, counts), to check on --resume."""
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +81,78 @@ def open_run(out: Path, args: argparse.Namespace, dist, stage: str) -> bool | No
         return None
     return resuming
 
+
+# ---- the preamble ------------------------------------------------------------------------------
+
+def open_init(path: str | Path, flag: str = "--init") -> tuple[Path, Tokenizer]:
+    """The checkpoint a stage starts from (a run or model directory, resolved), which must be a
+    policy with a chat tokenizer, and that tokenizer."""
+    init = resolve(path)
+    check_kind(init, "policy", flag)
+    tokenizer = Tokenizer.load(init)
+    check_chat_tokenizer(tokenizer, init)
+    return init, tokenizer
+
+
+def context_length(init: Path) -> int | None:
+    """The context of the checkpoint `init` (max_position_embeddings in its config.json), or None."""
+    return int(read_config(init).get("max_position_embeddings", 0)) or None
+
+
+def max_length(value: int | None, key: str, init: Path) -> int:
+    """The longest sequence a stage reads: config key `key`'s `value`, or --init's context when it
+    is null; never longer than that context (positions past it were never trained)."""
+    context = context_length(init)
+    if value is None:
+        if context is None:
+            raise UserError(f"{init}/config.json has no max_position_embeddings; set {key}")
+        return context
+    if context is not None and value > context:
+        raise UserError(f"{key}={value} is longer than the context of {init} "
+                        f"(max_position_embeddings {context}); use at most {context}")
+    return value
+
+
+def check_vocab(model, tokenizer: Tokenizer, where: str) -> None:
+    """Every token id the tokenizer makes needs a row in the model's embedding."""
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"{where} has vocab_size {model.config.vocab_size}, smaller than the "
+                        f"tokenizer's {tokenizer.vocab_size}")
+
+
+def file_fingerprint(paths: list[Path]) -> str:
+    """A hash of the files' contents, in order (for data read from files as they are)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def check_same_data(out: Path, info: dict, resuming: bool, keys: tuple[str, ...] = ("fingerprint",)) -> None:
+    """On --resume, refuse other data than the run started with: `keys` of `info` (this run's
+    data: a "fingerprint" of its contents, "data" its files) against RUN/data.json."""
+    path = out / DATA_FILE
+    if not (resuming and path.is_file()):
+        return
+    before = json.loads(path.read_text())
+    changed = [k for k in keys if before.get(k) != info.get(k)]
+    if changed:
+        def show(record: dict) -> str:
+            return ", ".join(f"{k} {record.get(k)}" for k in changed) + f" (data: {record.get('data', '?')})"
+
+        raise UserError(f"--resume: the training data differs from the data this run started with: "
+                        f"{path} records {show(before)}, the data given now has {show(info)}; resume "
+                        "with the same data and settings, or use --force")
+
+
+def write_data_info(out: Path, info: dict) -> None:
+    atomic_write_text(out / DATA_FILE, json.dumps(info, indent=2) + "\n")
+
+
+# ---- the run directory's files ----------------------------------------------------------------
 
 def save_resolved_config(cfg, out: Path) -> None:
     config_lib.save(cfg, out / "config.yaml")

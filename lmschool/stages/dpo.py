@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import atomic_write_text, load_model, model_extra, read_config, resolve
+from lmschool.checkpoint import check_kind, load_model, resolve
 from lmschool.config import check
 from lmschool.data.preference import PairBatches, read_pairs
 from lmschool.data.jsonl import read_jsonl
@@ -54,12 +54,14 @@ from lmschool.data.unpaired import UnpairedBatches, check_labels, read_unpaired
 from lmschool.errors import UserError
 from lmschool.data.prompts import read_prompts
 from lmschool.evaluate import evaluate_policy
+from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
 from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, kto_kl, needs_reference,
                                         paired_loss, sequence_logprobs)
-from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
-                                    save_resolved_config, write_summary)
-from lmschool.tokenizer import Tokenizer, check_chat_tokenizer, check_same_tokenizer
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, load_stage_config,
+                                    max_length, open_init, open_run, save_resolved_config, write_data_info,
+                                    write_summary)
+from lmschool.tokenizer import Tokenizer, check_same_tokenizer
 from lmschool.runtime import autocast, resolve_precision
 from lmschool.trainer import TrainConfig, fit
 
@@ -158,15 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
 
 
-# ---- checks -------------------------------------------------------------------------------------
-
-def check_policy_checkpoint(path: Path, flag: str) -> None:
-    """A reward model (LlamaForSequenceClassification, "kind": "reward") cannot be a policy."""
-    architectures = read_config(path).get("architectures") or []
-    if model_extra(path).get("kind") == "reward" or any("SequenceClassification" in a for a in architectures):
-        raise UserError(f"{flag} {path} is a reward model (a scalar score head, not a language model); "
-                        "give the SFT checkpoint, e.g. --init runs/sft")
-
+# ---- the SFT model's answers to --eval ----------------------------------------------------------
 
 def find_reference_answers(args: argparse.Namespace) -> tuple[Path | None, bool]:
     """(path, explicit) of the SFT model's eval answers: --reference-answers, else the
@@ -301,23 +295,14 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
 
     # --- everything is checked before --out is touched ---
-    init = resolve(args.init)
-    check_policy_checkpoint(init, "--init")
-    reference_dir = resolve(args.reference) if args.reference else init
-    tokenizer = Tokenizer.load(init)
-    check_chat_tokenizer(tokenizer, init)
+    init, tokenizer = open_init(args.init)
+    reference_dir = init
     if args.reference:
-        check_policy_checkpoint(reference_dir, "--reference")
+        reference_dir = resolve(args.reference)
+        check_kind(reference_dir, "policy", "--reference")
         check_same_tokenizer(Tokenizer.load(reference_dir), tokenizer, f"--reference {reference_dir}",
                              f"--init {init}")
-    context = int(read_config(init).get("max_position_embeddings", 0)) or None
-    if cfg.max_len is None:
-        if context is None:
-            raise UserError(f"{init}/config.json has no max_position_embeddings; set max_len")
-        cfg.max_len = context
-    elif context is not None and cfg.max_len > context:
-        raise UserError(f"max_len={cfg.max_len} is longer than the context of {init} "
-                        f"(max_position_embeddings {context}); use at most {context}")
+    cfg.max_len = max_length(cfg.max_len, "max_len", init)
     train = read_examples(cfg, args.data, "train")
     test = read_examples(cfg, args.data, "test")
     if not train:
@@ -342,17 +327,19 @@ def run(args: argparse.Namespace) -> int:
     resuming = open_run(out, args, dist, "dpo")
     if resuming is None:
         return 0
+    data_info = {"data": str(args.data), "fingerprint": data.fingerprint(), "train_examples": len(train),
+                 "test_examples": len(test)}
+    check_same_data(out, data_info, resuming)
     torch.manual_seed(cfg.seed)
     policy = load_model(init, head="lm")
     reference = load_model(reference_dir, head="lm").requires_grad_(False)   # the SFT model: frozen
-    if policy.config.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"--init {init} has vocab_size {policy.config.vocab_size}, smaller than its "
-                        f"tokenizer's {tokenizer.vocab_size}")
+    check_vocab(policy, tokenizer, f"--init {init}")
     device = dist.device
     precision = resolve_precision(device, cfg.precision)
     reference.to(device).eval()
     if dist.is_main:
         save_resolved_config(cfg, out)
+        write_data_info(out, data_info)
 
     # --- the reference pass: the pairs this process will train on, once ---
     t0 = time.time()

@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from lmschool import config as config_lib
-from lmschool.checkpoint import atomic_write_text, load_model, resolve
+from lmschool.checkpoint import load_model, resolve
+from lmschool.files import atomic_write_text
 from lmschool.config import check
 from lmschool.errors import UserError
 

@@ -63,11 +63,11 @@ import torch
 import torch.nn as nn
 
 from lmschool import distributed
-from lmschool.checkpoint import (atomic_write_text, check_kind, latest_checkpoint, load_model,
-                                 load_training_state, model_extra, read_config, resolve, save_model,
-                                 save_training_checkpoint)
+from lmschool.checkpoint import (check_kind, latest_checkpoint, load_model, load_training_state, model_extra,
+                                 read_config, resolve, save_model, save_training_checkpoint)
 from lmschool.config import check
 from lmschool.errors import UserError
+from lmschool.files import atomic_write_text
 from lmschool.data.prompts import encode_prompts, read_prompts
 from lmschool.evaluate import load_scorer, school_teacher
 from lmschool.generate import generate

@@ -28,13 +28,13 @@ from lmschool.checkpoint import load_model, resolve
 from lmschool.config import check
 from lmschool.data.text import check_data
 from lmschool.data.pretrain import TokenWindows, load_tokens, prepare, val_batches
-from lmschool.errors import UserError
 from lmschool.evaluate import lm_loss_and_bpb
 from lmschool.generate import generate
 from lmschool.losses.lm import lm_loss
 from lmschool.model import ModelConfig, build_model
-from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
-                                    save_resolved_config, write_summary)
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, file_fingerprint,
+                                    load_stage_config, open_run, save_resolved_config, write_data_info,
+                                    write_summary)
 from lmschool.runtime import autocast
 from lmschool.tokenizer import Tokenizer, train_tokenizer
 from lmschool.trainer import TrainConfig, fit
@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     resuming = open_run(out, args, dist, "pretrain")
     if resuming is None:
         return 0
+    data_info = {"data": [str(p) for p in args.data], "fingerprint": file_fingerprint(args.data)}
+    check_same_data(out, data_info, resuming)  # a resumed run reads RUN/data, tokenised when it started
     torch.manual_seed(cfg.seed)
 
     # --- tokenizer and data (rank 0 prepares, the others wait and read) ---
@@ -101,9 +103,7 @@ def run(args: argparse.Namespace) -> int:
     # --- model ---
     if args.init:
         model = load_model(args.init, head="lm")
-        if model.config.vocab_size < tokenizer.vocab_size:
-            raise UserError(f"--init {args.init} has vocab_size {model.config.vocab_size}, smaller than "
-                            f"the tokenizer's {tokenizer.vocab_size}")
+        check_vocab(model, tokenizer, f"--init {args.init}")
         cfg.model = model.config
     else:
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(cfg.model, seed=cfg.seed)
     if dist.is_main:
         save_resolved_config(cfg, out)
+        write_data_info(out, data_info)
 
     special = {i for i in (tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id,
                            tokenizer.im_start_id, tokenizer.im_end_id) if i is not None}

@@ -39,7 +39,6 @@ seconds.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -49,14 +48,15 @@ import numpy as np
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import atomic_write_text, check_kind, load_model, model_extra, read_config, resolve
+from lmschool.checkpoint import load_model, model_extra
 from lmschool.config import check
 from lmschool.data.preference import Pair, PairBatches, collate_pairs, encode_pair, read_pairs, response_batch
-from lmschool.errors import DataError, UserError
+from lmschool.errors import DataError
+from lmschool.files import atomic_write_text
 from lmschool.losses.reward import reward_loss, sequence_rewards
-from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
-                                    save_resolved_config, write_summary)
-from lmschool.tokenizer import Tokenizer
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, load_stage_config,
+                                    max_length, open_init, open_run, save_resolved_config, write_data_info,
+                                    write_summary)
 from lmschool.trainer import TrainConfig, fit
 
 
@@ -263,33 +263,15 @@ def split_pairs(pairs: list[Pair], test_fraction: float, seed: int) -> tuple[lis
             f"{test_fraction:g} of prompt groups")
 
 
-def _fingerprint(encoded: list[tuple]) -> str:
-    h = hashlib.sha256()
-    for (c, cp), (r, rp) in encoded:
-        h.update(np.asarray(c + [-1, cp, -2] + r + [-1, rp, -3], dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
-
-
 def run(args: argparse.Namespace) -> int:
     from lmschool.stages.sft import logged_tokens_per_s
-    from lmschool.tokenizer import check_chat_tokenizer
 
     cfg = load_stage_config(RewardConfig, args)
     timer = Timer()
 
     # --- everything is checked before --out is touched ---
-    init = resolve(args.init)
-    check_kind(init, "policy", "--init")
-    tokenizer = Tokenizer.load(init)
-    check_chat_tokenizer(tokenizer, init)
-    context = int(read_config(init).get("max_position_embeddings", 0)) or None
-    if cfg.max_seq_len is None:
-        if context is None:
-            raise UserError(f"{init}/config.json has no max_position_embeddings; set max_seq_len")
-        cfg.max_seq_len = context
-    elif context is not None and cfg.max_seq_len > context:
-        raise UserError(f"max_seq_len={cfg.max_seq_len} is longer than the context of {init} "
-                        f"(max_position_embeddings {context}); use at most {context}")
+    init, tokenizer = open_init(args.init)
+    cfg.max_seq_len = max_length(cfg.max_seq_len, "max_seq_len", init)
     pairs = read_pairs(args.data)
     train, test, split_how = split_pairs(pairs, cfg.test_fraction, cfg.seed)
     if not train:
@@ -307,14 +289,15 @@ def run(args: argparse.Namespace) -> int:
     resuming = open_run(out, args, dist, "reward")
     if resuming is None:
         return 0
-    data_info = {"data": str(args.data), "fingerprint": _fingerprint(data.encoded), "train_pairs": len(train),
+    data_info = {"data": str(args.data), "fingerprint": data.fingerprint(), "train_pairs": len(train),
                  "test_pairs": len(test), "test_split": split_how, "groups": len(data.groups)}
-    _check_same_data(out / "data.json", data_info, resuming)
+    check_same_data(out, data_info, resuming)
     torch.manual_seed(cfg.seed)
     model = load_model(init, head="score", new_head=True)
+    check_vocab(model, tokenizer, f"--init {init}")
     if dist.is_main:
         save_resolved_config(cfg, out)
-        atomic_write_text(out / "data.json", json.dumps(data_info, indent=2) + "\n")
+        write_data_info(out, data_info)
     pad_id = data.pad_id
 
     def evaluate(m) -> dict:
@@ -383,16 +366,6 @@ def write_test_rewards(path: Path, test: list[Pair], chosen: np.ndarray, rejecte
 def _last_logged(path: Path, key: str) -> float | None:
     values = [r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r]
     return values[-1] if values else None
-
-
-def _check_same_data(path: Path, info: dict, resuming: bool) -> None:
-    if not (resuming and path.is_file()):
-        return
-    before = json.loads(path.read_text())
-    if before.get("fingerprint") != info["fingerprint"]:
-        raise UserError(f"--resume: the training pairs differ from those this run started with "
-                        f"({before.get('train_pairs')} -> {info['train_pairs']} pairs, or other contents "
-                        "or settings); resume with the same data and settings, or use --force")
 
 
 def print_summary(s: dict, model_dir: Path) -> None:

@@ -37,19 +37,19 @@ from typing import Literal
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import atomic_write_text, load_model, read_config, resolve
+from lmschool.checkpoint import load_model
 from lmschool.config import check
 from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
 from lmschool.data.text import check_data
-from lmschool.errors import UserError
 from lmschool.data.prompts import read_prompts
 from lmschool.evaluate import evaluate_generations
+from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
-from lmschool.stages.common import (Timer, add_run_arguments, load_stage_config, open_run,
-                                    save_resolved_config, write_summary)
-from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, load_stage_config,
+                                    max_length, open_init, open_run, save_resolved_config, write_data_info,
+                                    write_summary)
 from lmschool.runtime import autocast
 from lmschool.trainer import TrainConfig, fit
 
@@ -129,17 +129,8 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
 
     # --- everything is checked before --out is touched ---
-    init = resolve(args.init)
-    tokenizer = Tokenizer.load(init)
-    check_chat_tokenizer(tokenizer, init)
-    context = int(read_config(init).get("max_position_embeddings", 0)) or None
-    if cfg.max_seq_len is None:
-        if context is None:
-            raise UserError(f"{init}/config.json has no max_position_embeddings; set max_seq_len")
-        cfg.max_seq_len = context
-    elif context is not None and cfg.max_seq_len > context:
-        raise UserError(f"max_seq_len={cfg.max_seq_len} is longer than the context of {init} "
-                        f"(max_position_embeddings {context}); use at most {context}")
+    init, tokenizer = open_init(args.init)
+    cfg.max_seq_len = max_length(cfg.max_seq_len, "max_seq_len", init)
     examples, stats = load_examples(args.data, tokenizer, cfg.max_seq_len, loss_on=cfg.loss_on,
                                     truncation=cfg.truncation)
     eval_rows = read_prompts(args.eval) if args.eval else None
@@ -162,19 +153,18 @@ def run(args: argparse.Namespace) -> int:
     resuming = open_run(out, args, dist, "sft")
     if resuming is None:
         return 0
-    data_info = {"fingerprint": fingerprint(train), "train_examples": len(train), "val_examples": len(val),
+    data_info = {"data": [str(p) for p in args.data], "fingerprint": fingerprint(train),
+                 "train_examples": len(train), "val_examples": len(val),
                  "replay": [[str(p), p.stat().st_size] for p in args.replay or []]}
-    _check_same_data(out / "data.json", data_info, resuming)
+    check_same_data(out, data_info, resuming, keys=("fingerprint", "replay"))
     if args.replay:
         data = WithReplay(data, replay_source(args.replay, tokenizer, out / "replay", cfg, dist, resuming))
     torch.manual_seed(cfg.seed)
     model = load_model(init, head="lm")
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"--init {init} has vocab_size {model.config.vocab_size}, smaller than its "
-                        f"tokenizer's {tokenizer.vocab_size}")
+    check_vocab(model, tokenizer, f"--init {init}")
     if dist.is_main:
         save_resolved_config(cfg, out)
-        atomic_write_text(out / "data.json", json.dumps({**data_info, **vars(stats)}, indent=2) + "\n")
+        write_data_info(out, {**data_info, **vars(stats)})
 
     def evaluate(m) -> dict:
         return held_out_loss(m, val, cfg.eval_batch_size, pad_id)
@@ -247,17 +237,6 @@ def logged_tokens_per_s(path: Path) -> float | None:
     import statistics
     speeds = [r["tokens_per_s"] for r in map(json.loads, path.read_text().splitlines()) if "tokens_per_s" in r]
     return statistics.median(speeds[1:] or speeds) if speeds else None
-
-
-def _check_same_data(path: Path, info: dict, resuming: bool) -> None:
-    if not (resuming and path.is_file()):
-        return
-    before = json.loads(path.read_text())
-    if (before.get("fingerprint"), before.get("replay")) != (info["fingerprint"], info["replay"]):
-        raise UserError(f"--resume: the training data differs from the data this run started with "
-                        f"({before.get('train_examples')} -> {info['train_examples']} examples, or other "
-                        "contents, settings or --replay files); resume with the same data and settings, "
-                        "or use --force")
 
 
 def print_summary(stage: str, s: dict, model_dir: Path) -> None:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from lmschool.errors import UserError
+from lmschool.files import atomic_dir
 from lmschool.world import dialogues, sentences
 from lmschool.world.corpus import DOC_END, build_corpus
 from lmschool.world.facts import FACT_TYPES, build_world
@@ -121,26 +120,10 @@ def write(out: str | os.PathLike, seed: int = 0, preset_name: str = "default",
         raise UserError(f"--out {out} is not writable")
     files, summary = build(seed, preset.name)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        with atomic_dir(out) as tmp:
+            for name, text in files.items():
+                with open(tmp / name, "w", encoding="utf-8", newline="\n") as f:
+                    f.write(text)
     except OSError as e:
-        raise UserError(f"cannot write into {out.parent}: {e.strerror or e}") from None
-    old = None
-    try:
-        for name, text in files.items():
-            with open(tmp / name, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-        os.chmod(tmp, 0o755)
-        if out.exists():  # --force: move the old directory aside, then swap the new one in
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except OSError as e:
-        if old is not None and not out.exists() and (old / out.name).exists():
-            os.replace(old / out.name, out)  # put the old directory back
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write the world to {out}: {e.strerror or e}") from None
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return summary
