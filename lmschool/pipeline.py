@@ -202,6 +202,40 @@ def clock(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def machine_info(with_torch: bool = True) -> dict:
+    """CPU, cores, device, torch threads and library versions: recorded by `lmschool run` in
+    DIR/machine.json (the report reads it). with_torch=False leaves out what needs torch loaded."""
+    import platform
+    from importlib import metadata
+
+    import lmschool
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    threads, device = None, "unknown"
+    if with_torch:
+        import torch
+        threads = torch.get_num_threads()
+        device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "device": device,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": version("torch"),
+            "tokenizers": version("tokenizers"), "numpy": version("numpy"),
+            "matplotlib": version("matplotlib"), "lmschool": lmschool.__version__}
+
+
 def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: bool = False,
                overrides: list[str] = ()) -> int:
     """Run every stage not done yet (after removing from_stage and later ones), in order; return
@@ -211,6 +245,7 @@ def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: 
     per_stage = split_overrides(list(overrides))
     check_out(out, preset)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "machine.json", json.dumps(machine_info(), indent=2) + "\n")
     stages = STAGES + (sweep_stages() if sweep else [])
     if from_stage:
         for stage in stages[NAMES.index(from_stage):]:

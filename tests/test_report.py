@@ -20,7 +20,8 @@ from lmschool.generate import generate
 from lmschool.model import ModelConfig, build_model
 from lmschool.pipeline import BY_NAME
 from lmschool.report import build_report
-from lmschool.report.collect import REQUIRED, pick_prompts, required
+from lmschool.data.prompts import pick_prompts
+from lmschool.report.collect import REQUIRED, required
 from lmschool.stages.pretrain import write_chat_answers
 from lmschool.tokenizer import train_tokenizer
 
@@ -297,7 +298,7 @@ def test_bad_run_dir_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "report.md").exists()
 
 
-TORCH_SIDE = ["lmschool.model", "lmschool.generate", "lmschool.checkpoint", "lmschool.tokenizer", "lmschool.trainer",
+TORCH_SIDE = ["torch", "lmschool.model", "lmschool.generate", "lmschool.checkpoint", "lmschool.trainer",
               "lmschool.stages"]
 
 
@@ -313,7 +314,7 @@ def test_importing_the_report_does_not_load_matplotlib_or_torch():
 
 def test_the_report_reads_files_only(run_dir):
     """Writing a whole report (plots and the pre-trained model's answers included) runs no model:
-    no lmschool module that touches a model is loaded (torch itself only names its version)."""
+    no lmschool module that touches a model is loaded, nor torch (the machine comes from machine.json)."""
     d = run_dir[0]
     code = (f"import sys; from lmschool.report import build_report; build_report({str(d)!r}, samples=3); "
             f"print(sorted(m for m in sys.modules if m in {TORCH_SIDE!r} or m.startswith('lmschool.stages')))")

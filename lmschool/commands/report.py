@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lmschool.report import build_report
-from lmschool.report.collect import SIDE_BY_SIDE
+from lmschool.data.prompts import SIDE_BY_SIDE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

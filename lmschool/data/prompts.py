@@ -8,6 +8,8 @@ list and "where" (file:line); `encode_prompts` renders them through the tokenize
 
 from __future__ import annotations
 
+import json
+
 from lmschool.data.jsonl import check_conversation, read_jsonl
 from lmschool.errors import DataError
 
@@ -57,3 +59,29 @@ def encode_prompts(rows: list[dict], tokenizer, *, context: int, max_new_tokens:
                             f"{max_new_tokens} it needs {len(p) + max_new_tokens} positions, more than "
                             f"the model's context of {context}; shorten the prompt or lower max_new_tokens")
     return ids
+
+
+# ---- a few prompts to show side by side ----------------------------------------------------------
+# The report puts every model's answers to SIDE_BY_SIDE eval prompts side by side; pre-training
+# answers the same ones at its end (stages/pretrain.py), so the report runs no model.
+
+SIDE_BY_SIDE = 4
+
+_CATEGORY_ORDER = ["refuse", "arithmetic", "fact_town", "smalltalk", "fact_pet", "story"]
+
+
+def prompt_key(prompt) -> str:
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def pick_prompts(rows: list[dict], n: int) -> list[dict]:
+    """n rows of distinct categories (refusal, sum, fact, small talk first), in a fixed order."""
+    firsts: dict[str, dict] = {}
+    for row in rows:
+        if row.get("prompt") and row.get("category") not in firsts:
+            firsts[row.get("category")] = row
+    order = sorted(firsts, key=lambda c: (_CATEGORY_ORDER.index(c) if c in _CATEGORY_ORDER else 99, str(c)))
+    chosen = [firsts[c] for c in order][:n]
+    taken = {prompt_key(r["prompt"]) for r in chosen}
+    chosen += [r for r in rows if r.get("prompt") and prompt_key(r["prompt"]) not in taken][:n - len(chosen)]
+    return chosen

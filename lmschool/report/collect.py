@@ -4,7 +4,7 @@ Reads, per stage of the registry (lmschool/pipeline.py: directory, done file, nu
 its numbers file (summary.json; the world's world.json, labelling's prefs.summary.json),
 DIR/timings.json, DIR/sweep/*/summary.json and each sampled model's eval_answers.jsonl. It runs no
 model and imports nothing torch-side (the pre-trained model's answers are written by pre-training
-itself); only `machine_info` imports torch, to name its version, threads and device.
+itself); the machine is the one `lmschool run` recorded in DIR/machine.json.
 - **A partial run is a report too.** A stage without its done file is "not run" (or "unfinished"
   when its directory exists); every key of REQUIRED is in report.json anyway, as null, so that tools
   read one shape. Non-finite numbers become null (JSON has no NaN).
@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
+from lmschool.data.prompts import pick_prompts, prompt_key
 from lmschool.errors import UserError
 from lmschool.pipeline import BY_NAME, STAGES, Stage, names
 
 SAMPLE_MODELS = ["pretrain", "sft", "dpo", "ppo"]   # the side-by-side columns, in this order
-SIDE_BY_SIDE = 4                                    # eval prompts side by side (pre-training answers these)
 
 # Keys report.json always carries per stage (null when missing), as issue 8 lists them; by stage
 # name, or by kind for the policy stages (each judged the same way).
@@ -133,57 +132,17 @@ def sweep_entries(run_dir: Path) -> dict:
     return out
 
 
-def machine_info() -> dict:
-    import platform
-    from importlib import metadata
-
-    import torch
-
-    import lmschool
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "tokenizers": version("tokenizers"), "numpy": version("numpy"),
-            "matplotlib": version("matplotlib"), "lmschool": lmschool.__version__}
+def machine_info(run_dir: Path) -> dict:
+    """The machine the run ran on, as `lmschool run` recorded it in DIR/machine.json; for a run
+    without one, what can be told without loading torch (threads and device unknown)."""
+    recorded = read_json_object(run_dir / "machine.json")
+    if recorded is not None:
+        return recorded
+    from lmschool.pipeline import machine_info as this_machine
+    return this_machine(with_torch=False)
 
 
 # ---- sample answers side by side ------------------------------------------------------------
-
-_CATEGORY_ORDER = ["refuse", "arithmetic", "fact_town", "smalltalk", "fact_pet", "story"]
-
-
-def _prompt_key(prompt) -> str:
-    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-
-
-def pick_prompts(rows: list[dict], n: int) -> list[dict]:
-    """n rows of distinct categories (refusal, sum, fact, small talk first), in a fixed order."""
-    firsts: dict[str, dict] = {}
-    for row in rows:
-        if row.get("prompt") and row.get("category") not in firsts:
-            firsts[row.get("category")] = row
-    order = sorted(firsts, key=lambda c: (_CATEGORY_ORDER.index(c) if c in _CATEGORY_ORDER else 99, str(c)))
-    chosen = [firsts[c] for c in order][:n]
-    taken = {_prompt_key(r["prompt"]) for r in chosen}
-    chosen += [r for r in rows if r.get("prompt") and _prompt_key(r["prompt"]) not in taken][:n - len(chosen)]
-    return chosen
-
 
 def side_by_side_answers(run_dir: Path, n: int) -> list[dict]:
     """[{prompt, category, answers: {model: text | None}}] for n eval prompts; the same prompts for
@@ -201,9 +160,9 @@ def side_by_side_answers(run_dir: Path, n: int) -> list[dict]:
     for model in SAMPLE_MODELS:
         if not records[model]:
             continue
-        by_prompt = {_prompt_key(r.get("prompt")): r for r in records[model]}
+        by_prompt = {prompt_key(r.get("prompt")): r for r in records[model]}
         for sample in samples:
-            found = by_prompt.get(_prompt_key(sample["prompt"]))
+            found = by_prompt.get(prompt_key(sample["prompt"]))
             sample["answers"][model] = found.get("response") if found else None
     return samples
 
@@ -259,7 +218,7 @@ def collect(run_dir: Path, *, created: str) -> dict:
         "seconds_total": sum(v for s, v in seconds.items() if not s.startswith("sweep/")),
         "seconds_sweep": sum(v for s, v in seconds.items() if s.startswith("sweep/")),
         "seconds": seconds,
-        "machine": machine_info(),
+        "machine": machine_info(run_dir),
         "stages": stages,
         "sweep": sweep_entries(run_dir),
     }

@@ -29,7 +29,11 @@ from lmschool.config import check
 from lmschool.data.text import check_data
 from lmschool.data.pretrain import TokenWindows, load_tokens, prepare, val_batches
 from lmschool.evaluate import lm_loss_and_bpb
+from lmschool.data.jsonl import read_jsonl
+from lmschool.data.prompts import SIDE_BY_SIDE, pick_prompts
+from lmschool.files import atomic_write_text
 from lmschool.generate import generate
+from lmschool.judges import world_file
 from lmschool.losses.lm import lm_loss
 from lmschool.model import ModelConfig, build_model
 from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, file_fingerprint,
@@ -183,10 +187,10 @@ def sample_continuations(model, tokenizer, val_tokens: np.ndarray, cfg: Pretrain
 
 def school_world_probes(model, tokenizer, data_paths: list[Path]) -> dict:
     """Greedy fact completion ("<pupil> lives in" -> town) when the corpus is a school world's."""
-    world_file = next((p.parent / "world.json" for p in data_paths if (p.parent / "world.json").is_file()), None)
-    if world_file is None:
+    found = world_file(*data_paths)
+    if found is None:
         return {}
-    world = json.loads(world_file.read_text())
+    world = json.loads(found.read_text())
     return fact_completion(model, tokenizer, world)
 
 
@@ -243,13 +247,9 @@ def write_chat_answers(out: Path, data_paths: list[Path], max_new_tokens: int = 
     report shows side by side (pick_prompts of the world's eval.jsonl). The report reads them as it
     reads every later stage's answers, and runs no model itself. Written before summary.json, the
     stage's done file, so a finished stage has them."""
-    from lmschool.checkpoint import atomic_write_text
-    from lmschool.data.jsonl import read_jsonl
-    from lmschool.report.collect import SIDE_BY_SIDE, pick_prompts
-
-    eval_file = next((p.parent / "eval.jsonl" for p in data_paths if (p.parent / "world.json").is_file()
-                      and (p.parent / "eval.jsonl").is_file()), None)
-    if eval_file is None:
+    world = world_file(*data_paths)
+    eval_file = world.parent / "eval.jsonl" if world is not None else None
+    if eval_file is None or not eval_file.is_file():
         return
     rows = pick_prompts([row for _, row in read_jsonl(eval_file, "expected {\"prompt\": [...], ...}")], SIDE_BY_SIDE)
     tokenizer = Tokenizer.load(out / "model")
