@@ -1,4 +1,4 @@
-"""The one training loop every stage uses, PPO included: `Trainer.fit`, or `fit(model, data, loss_fn, cfg, run_dir)`.
+"""The one training loop every stage uses, PPO included: `Trainer.fit` (and `fit(...)` around it).
 
 A stage brings its model and either
 - a data source with `micro_batches(step, n_micro, rank, world) -> list[dict]` that is a pure

@@ -434,11 +434,12 @@ class PPO:
         cfg, chunk, mask = self.cfg, self.cfg.minibatch_size, rollout.mask
         with torch.no_grad(), autocast(self.device, self.precision):
             raw_scores = self.reward.of_rollout(rollout, prompts, texts, chunk).float()     # (N,)
+            T = cfg.temperature
             if not cfg.single_step:   # else the update's forward fills them in
                 rollout.old_logprobs, rollout.entropy = in_chunks(
-                    lambda b: response_logprobs(self.policy, b, cfg.temperature), rollout, chunk)  # (N, R)
-            rollout.ref_logprobs, = in_chunks(lambda b: response_logprobs(self.reference, b, cfg.temperature)[0],
-                                              rollout, chunk)
+                    lambda b: response_logprobs(self.policy, b, T), rollout, chunk)        # (N, R) each
+            rollout.ref_logprobs, = in_chunks(lambda b: response_logprobs(self.reference, b, T)[0],
+                                              rollout, chunk)                             # (N, R)
             if self.critic is not None:
                 rollout.values, = in_chunks(lambda b: response_values(self.critic, b), rollout, chunk)
 
@@ -449,12 +450,13 @@ class PPO:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         rollout.scores = scores
         reward_kl = 0.0 if cfg.kl_in_loss else self.kl_ctl.value
+        old, ref = rollout.old_logprobs, rollout.ref_logprobs   # old is None with single_step: no KL here
         if cfg.advantage == "gae":
-            kl = kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask   # (N, R)
+            kl = kl_penalty(old, ref, cfg.kl_estimator) * mask                                  # (N, R)
             rewards, non_score = token_rewards(scores, kl, mask, reward_kl)
             advantages, rollout.returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         else:
-            non_score = (-reward_kl * kl_penalty(rollout.old_logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
+            non_score = (-reward_kl * kl_penalty(old, ref, cfg.kl_estimator) * mask
                          if reward_kl else torch.zeros_like(mask, dtype=torch.float32))     # (N, R)
             sequence_reward = scores + non_score.sum(1)                                    # (N,)
             kwargs = {"scale_std": cfg.scale_group_std} if cfg.advantage == "grpo" else {}
