@@ -16,7 +16,6 @@ import torch
 
 from lmschool.judges import as_judge
 # stages/ppo.py imports these two from here until it imports lmschool.judges itself
-from lmschool.judges import load_function as load_scorer, school_teacher  # noqa: F401
 from lmschool.losses.lm import token_nll
 
 

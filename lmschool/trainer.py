@@ -1,18 +1,31 @@
-"""The one training loop every stage uses: `fit(model, data, loss_fn, cfg, run_dir)`.
+"""The one training loop every stage uses, PPO included: `Trainer.fit` (and `fit(...)` around it).
 
-A stage brings three things: the model, a data source with `micro_batches(step, n_micro, rank,
-world) -> list[dict]` that is a pure function of the step (so resuming needs no data state, and
-1 x 8 accumulation sees the same examples as 8 x 1), and `loss_fn(model, batch) -> (loss,
-metrics)` where `loss` is a mean over the batch's `num_targets` items (tokens, pairs, ...).
+A stage brings its model and either
+- a data source with `micro_batches(step, n_micro, rank, world) -> list[dict]` that is a pure
+  function of the step (so resuming needs no data state, and 1 x 8 accumulation sees the same
+  examples as 8 x 1), and `loss_fn(model, batch) -> (loss, metrics)` where `loss` is a mean over
+  the batch's `num_targets` items (tokens, pairs, ...): each step of the loop is `train_step`, one
+  optimizer step; or
+- its own step, `fit(step=...)`: PPO's is one RL iteration (a rollout, then ppo_epochs x
+  minibatches of optimizer steps), made of the pieces `train_step` is made of: `set_lr`,
+  `backward` per micro-batch, `optimizer_step`. The loop counts these steps (cfg.max_steps).
 
-Each step reads top to bottom: evaluate / checkpoint when due, micro-steps (forward under
-autocast, scale, backward), clip, NaN guard, optimizer step, zero grads, log. Micro-batch losses
-are weighted by their share of the global batch's targets, so accumulation and DDP give the same
-gradient as one big batch. The learning rate is a pure function of the step (optim.lr_at).
+The trainer owns one or more groups of (model, AdamW, learning rate): the stage's model, and any
+a stage adds with `add_model` (PPO's critic, with its own critic_lr). The learning rate is a pure
+function of the step (optim.lr_at). Each group is clipped to grad_clip on its own.
 
-Logged per step to RUN/metrics.jsonl: loss, lr, grad_norm, tokens/s, the loss_fn's metrics, and
-evaluation results when due. A progress bar with ETA on a terminal, plain log lines otherwise.
-PPO and other loops that make their own batches call `Trainer.train_step` directly.
+One step reads top to bottom: set the learning rates, micro-steps (forward under autocast, scale,
+backward), clip each group, NaN guard (a non-finite loss or gradient norm stops the run with
+TrainingDiverged and no weight updated), optimizer steps, zero grads. Micro-batch losses are
+weighted by their share of the global batch's targets, so accumulation and DDP give the same
+gradient as one big batch. Then the loop logs, and evaluates / checkpoints when due.
+
+Logged to RUN/metrics.jsonl every log_every steps (every step with `log_every_step`, as PPO
+asks): loss, lr, grad_norm, tokens/s, the loss_fn's metrics (or the stage step's), and evaluation
+results when due. A progress bar with ETA on a terminal, plain log lines otherwise. A checkpoint
+(RUN/checkpoints/step-N) holds the model and trainer_state.pt: step, optimizers, RNG, the added
+models' weights and any state a stage registered in `Trainer.stateful` (PPO's KL controller);
+`resume()` continues exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -109,12 +122,29 @@ class TrainingDiverged(UserError):
     """The loss or gradient became NaN/inf; weights were not updated."""
 
 
-class Trainer:
-    """Owns the optimizer, precision, DDP wrapping, checkpoints and metrics for one model."""
+@dataclass
+class Group:
+    """A model the trainer steps, with its own AdamW and learning rate; clipped on its own."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, cfg: TrainConfig, run_dir: str | Path,
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: Callable[[int], float]   # the learning rate of a step: a pure function of the step
+
+
+def schedule(cfg: TrainConfig, peak: float) -> Callable[[int], float]:
+    """The learning rate of each step: up to `peak` with cfg's warmup and decay (optim.lr_at)."""
+    return lambda step: lr_at(step, lr=peak, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                              min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
+
+
+class Trainer:
+    """Owns the optimizers, precision, DDP wrapping, checkpoints and metrics of a stage's models."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, cfg: TrainConfig, run_dir: str | Path,
                  *, tokenizer=None, extra: dict | None = None, dist: distributed.Dist | None = None,
-                 desc: str = "train", progress: bool = True):
+                 desc: str = "train", progress: bool = True, lr: Callable[[int], float] | None = None,
+                 log_every_step: bool = False):
         self.cfg, self.loss_fn, self.run_dir = cfg, loss_fn, Path(run_dir)
         self.dist = dist or distributed.Dist(device=pick_device(cfg.device))
         self.device = self.dist.device
@@ -122,9 +152,12 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.model = model.to(self.device)          # the plain module: saved, evaluated
         self.tokenizer, self.extra, self.desc, self.show_progress = tokenizer, extra, desc, progress
+        self.log_every_step = log_every_step        # every step a metrics line; log_every paces the progress
         self.precision = resolve_precision(self.device, cfg.precision)
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          betas=(cfg.beta1, cfg.beta2))
+        self.groups = [Group("model", self.model, self.optimizer, lr or schedule(cfg, cfg.lr))]
+        self.stateful: dict = {}   # name -> an object with state_dict / load_state_dict, kept in checkpoints
         self.step = 0
         self.train_model = distributed.wrap(self.model, self.dist)
         self.compute_loss = lambda batch: loss_fn(self.train_model, batch)
@@ -136,14 +169,63 @@ class Trainer:
             self.compute_loss = torch.compile(self.compute_loss)
         self.tokens_seen = 0
 
-    # ---- one optimizer step -----------------------------------------------------------------
+    def add_model(self, name: str, model: torch.nn.Module, lr: Callable[[int], float]) -> Group:
+        """Train `model` too, with its own AdamW (cfg's weight decay and betas) and learning rate;
+        its weights and optimizer go into the checkpoints' trainer_state.pt as NAME, NAME_optimizer."""
+        optimizer = build_optimizer(model, lr=lr(self.step), weight_decay=self.cfg.weight_decay,
+                                    betas=(self.cfg.beta1, self.cfg.beta2))
+        self.groups.append(Group(name, model.to(self.device), optimizer, lr))
+        return self.groups[-1]
+
+    # ---- the pieces of a step ----------------------------------------------------------------
+    def set_lr(self) -> float:
+        """Every group's learning rate for this step; returns the model's."""
+        for group in self.groups:
+            for param_group in group.optimizer.param_groups:
+                param_group["lr"] = group.lr(self.step)
+        return self.groups[0].lr(self.step)
+
+    def backward(self, compute: Callable[[object], tuple[torch.Tensor, dict]], batch, weight: float
+                 ) -> tuple[float, dict]:
+        """One micro-step: `compute(batch) -> (loss, metrics)` under autocast, then the backward
+        of loss x weight (x processes, since DDP averages gradients; the weights of a step's
+        micro-batches add up to 1 over all processes). Returns the loss and metrics x weight."""
+        with autocast(self.device, self.precision):
+            loss, metrics = compute(batch)
+        (loss * weight * self.dist.world_size).backward()
+        return loss.detach().float().item() * weight, {k: float(v) * weight for k, v in metrics.items()}
+
+    def optimizer_step(self, groups: list[Group], loss: float) -> dict[str, float]:
+        """Clip each group's gradient norm to grad_clip; stop if the loss or a norm is not finite
+        (TrainingDiverged, no weight updated); step and zero. Returns the norms: grad_norm for the
+        model, NAME_grad_norm for an added group."""
+        norms = {"grad_norm" if g is self.groups[0] else f"{g.name}_grad_norm": self._clip(g.model)
+                 for g in groups}
+        if not all(math.isfinite(x) for x in (loss, *norms.values())):
+            for g in groups:
+                g.optimizer.zero_grad(set_to_none=True)
+            last = latest_checkpoint(self.run_dir)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in norms.items())
+            lr = self.optimizer.param_groups[0]["lr"]
+            raise TrainingDiverged(
+                f"loss became {loss} ({shown}) at step {self.step}; weights were not updated and "
+                f"{where}. Try a lower lr (now {lr:.3g}) or grad_clip.")
+        for g in groups:
+            g.optimizer.step()
+            g.optimizer.zero_grad(set_to_none=True)
+        return norms
+
+    def _clip(self, model: torch.nn.Module) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+    # ---- one optimizer step on a stage's data ------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> dict:
         """Accumulate gradients over `micro_batches`, clip, check, step. Returns metrics."""
-        cfg, model = self.cfg, self.train_model
-        lr = lr_at(self.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                   min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr()
         # each micro-batch's weight: its share of the global batch's targets
         counts = torch.tensor([float(b.get("num_targets", 1)) for b in micro_batches])
         total = distributed.all_reduce_sum(counts.sum().clone()).item()
@@ -155,58 +237,50 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
             sync = i == len(micro_batches) - 1 or not self.dist.enabled
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx:
-                with autocast(self.device, self.precision):
-                    loss, metrics = self.compute_loss(batch)
-                weight = counts[i].item() / total
-                (loss * weight * self.dist.world_size).backward()
-            loss_total += loss.detach().float().item() * weight
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                loss, metrics = self.backward(self.compute_loss, batch, counts[i].item() / total)
+            loss_total += loss
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * weight
+                sums[k] = sums.get(k, 0.0) + v
             self.tokens_seen += int(batch.get("num_tokens", 0))
-        grad_norm = self._clip()
-        if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.run_dir)
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"loss became {loss_total} (grad norm {grad_norm}) at step {self.step}; weights were "
-                f"not updated and {where}. Try a lower lr (now {lr:.3g}) or grad_clip.")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norms = self.optimizer_step(self.groups, loss_total)
         self.step += 1
         # each rank holds its share of the global mean: the sum over ranks is the global mean
         keys = sorted(sums)
         totals = distributed.all_reduce_sum(torch.tensor([loss_total] + [sums[k] for k in keys],
                                                          dtype=torch.float64)).tolist()
-        return {"loss": totals[0], "lr": lr, "grad_norm": grad_norm, **dict(zip(keys, totals[1:]))}
-
-    def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.cfg.grad_clip > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        return {"loss": totals[0], "lr": lr, **norms, **dict(zip(keys, totals[1:]))}
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
-                "tokens_seen": self.tokens_seen}
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+                 "tokens_seen": self.tokens_seen}
+        for g in self.groups[1:]:
+            state[g.name] = {k: v.detach().cpu() for k, v in g.model.state_dict().items()}
+            state[f"{g.name}_optimizer"] = g.optimizer.state_dict()
+        for name, obj in self.stateful.items():
+            state[name] = obj.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for g in self.groups[1:]:
+            if g.name not in state:
+                raise UserError(f"--resume: the checkpoint has no {g.name} (the run was started without "
+                                "one); resume with the settings it started with, or use --force")
+            g.model.load_state_dict(state[g.name])
+            g.optimizer.load_state_dict(state[f"{g.name}_optimizer"])
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(state[name])
         set_rng_state(state["rng"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
 
-    def save_checkpoint(self, extra_state: dict | None = None) -> Path | None:
+    def save_checkpoint(self) -> Path | None:
         path = None
         if self.dist.is_main:
-            state = self.state_dict()
-            if extra_state:
-                state["extra"] = extra_state
-            path = save_training_checkpoint(self.run_dir, self.step, self.model, state, self.tokenizer,
-                                            self.extra, self.cfg.keep_last)
+            path = save_training_checkpoint(self.run_dir, self.step, self.model, self.state_dict(),
+                                            self.tokenizer, self.extra, self.cfg.keep_last)
         distributed.barrier()
         return path
 
@@ -223,8 +297,15 @@ class Trainer:
         return True
 
     # ---- the loop ----------------------------------------------------------------------------
-    def fit(self, data: DataSource, evaluate: Callable[[torch.nn.Module], dict] | None = None) -> dict:
+    def fit(self, data: DataSource | None = None, evaluate: Callable[[torch.nn.Module], dict] | None = None,
+            *, step: Callable[[], dict] | None = None) -> dict:
+        """Steps until cfg.max_steps: `train_step` on data's micro-batches, or the stage's own
+        `step()` (one step of the loop that advances self.step by one and returns its metrics)."""
         cfg = self.cfg
+        if step is None:
+            def step():
+                return self.train_step(data.micro_batches(self.step, cfg.grad_accum, self.dist.rank,
+                                                          self.dist.world_size))
         metrics_path = self.run_dir / "metrics.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         progress = Progress(cfg.max_steps, self.step, self.desc, self.show_progress and self.dist.is_main)
@@ -232,13 +313,13 @@ class Trainer:
         t_log, tokens_log = time.time(), self.tokens_seen
         try:
             while self.step < cfg.max_steps:
-                micro = data.micro_batches(self.step, cfg.grad_accum, self.dist.rank, self.dist.world_size)
-                last = self.train_step(micro)
+                last = step()
                 log_now = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
-                if log_now:
+                if log_now and data is not None:   # the data's tokens/s over the log interval
                     dt = max(time.time() - t_log, 1e-9)
                     last["tokens_per_s"] = (self.tokens_seen - tokens_log) * self.dist.world_size / dt
                     t_log, tokens_log = time.time(), self.tokens_seen
+                if log_now or self.log_every_step:
                     self._log(metrics_path, {"step": self.step, **last})
                 progress.update(self.step, last, log_now)
                 if self.step < cfg.max_steps:  # the end is evaluated and saved below
@@ -263,9 +344,10 @@ class Trainer:
         return out
 
     def _log(self, path: Path, record: dict) -> None:
-        if self.dist.is_main:
+        if self.dist.is_main:   # nan (e.g. PPO's explained variance of constant returns) -> null
             with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                    for k, v in record.items()}) + "\n")
 
     def save_final(self, path: str | Path | None = None) -> Path | None:
         if not self.dist.is_main:

@@ -17,7 +17,8 @@ from lmschool.cli import main
 from lmschool.data.preference import PairBatches, collate_rows, pair_batch, read_pairs
 from lmschool.data.unpaired import UnpairedBatches, kl_partners, read_unpaired
 from lmschool.data.prompts import read_prompts
-from lmschool.evaluate import evaluate_generations, school_teacher
+from lmschool.evaluate import evaluate_generations
+from lmschool.judges import school_teacher
 from lmschool.losses.preference import LOSSES, sequence_logprobs
 from lmschool.model import ModelConfig, build_model
 from lmschool.stages.dpo import DPOConfig, make_loss_fn, reference_logprobs

@@ -197,26 +197,3 @@ def test_as_judge_takes_a_teacher_or_a_function(world):
     judge = as_judge(word_count)
     assert isinstance(judge, FunctionJudge) and judge(["p"], ["a b c"]) == ([3.0], [None])
     assert as_judge(judge) is judge and isinstance(judge, Judge)
-
-
-# ---- the same numbers as ppo.py's own reward classes (while it has them) ------------------------------
-
-def test_same_numbers_as_ppo_reward_classes(tok, rm, world):
-    """ModelReward.of_texts / of_rollout and ScorerReward(teacher.reward) give what the judges give;
-    skipped once ppo.py uses lmschool.judges and the classes are gone."""
-    ppo = pytest.importorskip("lmschool.stages.ppo")
-    if not hasattr(ppo, "ModelReward"):
-        pytest.skip("ppo.py scores with lmschool.judges")
-    old = ppo.ModelReward(rm, tok, torch.device("cpu"))
-    new = RewardModelJudge(rm, tok, "cpu", batch_size=2)
-    assert old.of_texts(PROMPTS, ANSWERS, 2) == new(PROMPTS, ANSWERS)[0]
-    seqs = [(tok.render(p, add_generation_prompt=True)[0] + tok.encode(a) + [tok.im_end_id])[-64:]
-            for p, a in zip(PROMPTS, ANSWERS)]
-    batch = ppo.Rollout.build(seqs, [len(s) - 3 for s in seqs], tok.fill_id, torch.device("cpu"))
-    assert torch.equal(old.of_rollout(batch, PROMPTS, ANSWERS, 2),
-                       new.rollout_scores(PROMPTS, ANSWERS, batch.input_ids, batch.last_index, 2))
-    rows = read_prompts(world / "eval.jsonl")
-    teacher = school_teacher(world / "eval.jsonl")
-    prompts, answers = [r["prompt"] for r in rows], [r["reference"] for r in rows]
-    assert ppo.ScorerReward(teacher.reward, "teacher").of_texts(prompts, answers) == \
-        TeacherJudge(teacher)(prompts, answers)[0]

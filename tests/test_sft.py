@@ -18,7 +18,8 @@ from lmschool.data.sft import (SFTBatches, best_fit_decreasing, load_examples, m
                                pad_batch, render_row)
 from lmschool.errors import DataError
 from lmschool.data.prompts import read_prompts
-from lmschool.evaluate import evaluate_generations, school_teacher
+from lmschool.evaluate import evaluate_generations
+from lmschool.judges import school_teacher
 from lmschool.generate import Generation, generate
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
 from lmschool.model import ModelConfig, build_model

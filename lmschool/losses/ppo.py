@@ -238,12 +238,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(losses, mask), {"vf_clipfrac": vf_clipfrac}
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's distribution, H = -sum_v p_v log p_v. logits (..., V) -> (...)."""
-    logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 # ---- the KL coefficient ---------------------------------------------------------------------
 
 class KLController:

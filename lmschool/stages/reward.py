@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import load_model, model_extra
+from lmschool.checkpoint import load_model
 from lmschool.config import check
 from lmschool.data.preference import Pair, PairBatches, collate_pairs, encode_pair, read_pairs, response_batch
 from lmschool.errors import DataError
@@ -120,11 +120,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---- scoring ------------------------------------------------------------------------------------
-
-def reward_bias(path: str | Path) -> float:
-    """The bias stored with a reward checkpoint (0 if it has none)."""
-    return float(model_extra(path).get("reward_bias", 0.0) or 0.0)
-
 
 @torch.no_grad()
 def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list[str], *,

@@ -1,0 +1,117 @@
+"""The rollout record: everything a policy-gradient update needs about a batch of sampled answers.
+
+One `Rollout` travels from sampling to the update (OpenRLHF's `Experience`): the sequences and
+where each response token sits, filled in as the iteration goes with the reward's scores, the
+log-probs under the sampling policy and the reference, the critic's values, and the advantages
+and returns computed from them. `rows(idx)` takes a minibatch of it, trimmed to its longest
+sequence. Below it, the forward passes that read a model over the record's response positions:
+`response_logprobs` (with each position's entropy) and `response_values`, and `in_chunks` to run
+them a few rows at a time without gradient.
+
+Shapes: N rows, L longest sequence (prompt + response), R longest response. Position t of a
+response-aligned tensor is the t-th generated token of its row; `mask` is 1 on real response
+tokens and 0 on the padding after them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """Sequences (prompt + response), right-padded, and what an update knows about each response."""
+
+    input_ids: torch.Tensor   # (N, L) prompt + response ids, pad after
+    positions: torch.Tensor   # (N, R) index in L of the position whose logits predict response token t
+    tokens: torch.Tensor      # (N, R) y_t, the response ids, pad after
+    mask: torch.Tensor        # (N, R) float, 1 on response tokens
+    last_index: torch.Tensor  # (N,) index in L of each row's last token (where a reward model reads)
+    # filled in by the iteration, in this order (None until then; for GRPO / RLOO values and
+    # returns stay None: no critic)
+    scores: torch.Tensor | None = None        # (N,) s, the sequence score after penalties / whitening
+    old_logprobs: torch.Tensor | None = None  # (N, R) log pi_old(y_t), the policy that sampled
+    entropy: torch.Tensor | None = None       # (N, R) H(pi_old(. | y_<t)), logged
+    ref_logprobs: torch.Tensor | None = None  # (N, R) log pi_ref(y_t), the frozen reference
+    values: torch.Tensor | None = None        # (N, R) V_old(s_t), the critic's before the update
+    advantages: torch.Tensor | None = None    # (N, R) A_t (GAE, or the sequence's group advantage)
+    returns: torch.Tensor | None = None       # (N, R) R_t = A_t + V_t, the critic's target (GAE)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @staticmethod
+    def build(sequences: list[list[int]], prompt_lens: list[int], pad_id: int, device) -> Rollout:
+        """The record of sampled sequences (each a prompt of prompt_lens[i] ids + its response)."""
+        N, L = len(sequences), max(len(s) for s in sequences)
+        R = max(1, max(len(s) - p for s, p in zip(sequences, prompt_lens)))
+        input_ids = torch.full((N, L), pad_id, dtype=torch.long)
+        tokens = torch.full((N, R), pad_id, dtype=torch.long)
+        mask = torch.zeros(N, R)
+        for i, (s, p) in enumerate(zip(sequences, prompt_lens)):
+            input_ids[i, :len(s)] = torch.as_tensor(s)
+            tokens[i, :len(s) - p] = torch.as_tensor(s[p:], dtype=torch.long)
+            mask[i, :len(s) - p] = 1
+        starts = torch.as_tensor(prompt_lens)[:, None] - 1                                # (N, 1)
+        positions = (starts + torch.arange(R)[None]).clamp(max=L - 1)                     # (N, R)
+        last_index = torch.as_tensor([len(s) - 1 for s in sequences])                     # (N,)
+        return Rollout(input_ids.to(device), positions.to(device), tokens.to(device), mask.to(device),
+                       last_index.to(device))
+
+    def rows(self, idx: torch.Tensor) -> Rollout:
+        """A subset of rows (a minibatch), trimmed to their longest sequence and response."""
+        mask = self.mask[idx]
+        R = max(1, int(mask.sum(1).max()))
+        L = int(self.last_index[idx].max()) + 1
+
+        def cut(x):   # (N, R) -> (n, R'), (N,) -> (n,)
+            return None if x is None else x[idx] if x.dim() == 1 else x[idx, :R]
+
+        return Rollout(self.input_ids[idx, :L], self.positions[idx, :R].clamp(max=L - 1),
+                       self.tokens[idx, :R], mask[:, :R], self.last_index[idx], cut(self.scores),
+                       cut(self.old_logprobs), cut(self.entropy), cut(self.ref_logprobs), cut(self.values),
+                       cut(self.advantages), cut(self.returns))
+
+
+# ---- forward passes over a rollout ------------------------------------------------------------------
+
+def response_logprobs(model, batch: Rollout, temperature: float, entropy_grad: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_T(y_t) = log_softmax(logits / T)[y_t] of each response token, as the sampler
+    computed it, and the entropy H = -sum_v p_v log p_v of each of those distributions (detached
+    unless entropy_grad). Only response positions go through the LM head. Returns
+    (logprobs (N, R), entropy (N, R)), float32."""
+    h = model.hidden(batch.input_ids)                                                   # (N, L, C)
+    h = h.gather(1, batch.positions[..., None].expand(-1, -1, h.shape[-1]))            # (N, R, C)
+    logits = model.lm_head(h).float() / temperature                                     # (N, R, V)
+    logp_all = logits.log_softmax(-1)
+    logprobs = logp_all.gather(-1, batch.tokens[..., None]).squeeze(-1)                  # (N, R)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)                                  # (N, R)
+    return logprobs, entropy
+
+
+def response_values(critic, batch: Rollout) -> torch.Tensor:
+    """The critic's V(s_t) for the state before each response token. Returns (N, R) float32."""
+    return critic(batch.input_ids).float().gather(1, batch.positions)                   # (N, R)
+
+
+def row_chunks(n: int, size: int) -> list[torch.Tensor]:
+    """Row indices 0..n-1 in consecutive chunks of `size`."""
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def in_chunks(fn, batch: Rollout, chunk: int) -> list[torch.Tensor]:
+    """fn over row chunks of `batch` (memory: a chunk's logits at a time), its (n, r) outputs
+    padded back to (N, R) and returned as a list (one per output of fn)."""
+    parts = [fn(batch.rows(rows)) for rows in row_chunks(batch.size, chunk)]
+    R = batch.tokens.shape[1]
+    out = []
+    for k in range(len(parts[0]) if isinstance(parts[0], tuple) else 1):
+        pieces = [p[k] if isinstance(p, tuple) else p for p in parts]
+        out.append(torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in pieces]))
+    return out
