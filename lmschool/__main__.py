@@ -1,3 +1,5 @@
+"""`python -m lmschool ...` is the `lmschool` command (lmschool/cli.py); torchrun launches stages this way."""
+
 import sys
 
 from lmschool.cli import main
