@@ -338,3 +338,32 @@ def _tally(wins, prefix: str = "") -> dict[str, int]:
     """Counts of wins (1), ties (0.5) and losses (0)."""
     wins = list(wins)
     return {f"{prefix}wins": wins.count(1.0), f"{prefix}ties": wins.count(0.5), f"{prefix}losses": wins.count(0.0)}
+
+
+# ---- the SFT model's answers, written once by its own run ------------------------------------------
+
+def run_file(checkpoint, name: str):
+    """RUN/name beside a checkpoint argument (a run directory, or its model/ subdirectory), or None."""
+    from pathlib import Path
+    given = Path(checkpoint)
+    for run in (given, given.parent) if given.name == "model" else (given,):
+        if (run / name).is_file():
+            return run / name
+    return None
+
+
+def reference_answers(path, rows: list[dict], *, explicit: bool, stage: str) -> list[dict] | None:
+    """The eval_answers.jsonl records of `path` if they answer `rows` prompt for prompt (so the
+    reference model need not answer again); else an error when the user named the file
+    (`explicit`), or None with a note (found by itself: the reference answers afresh)."""
+    from lmschool.data.jsonl import read_jsonl
+    from lmschool.errors import UserError
+
+    records = [row for _, row in read_jsonl(path, "expected eval_answers.jsonl records")]
+    if len(records) == len(rows) and all(r.get("prompt") == row["prompt"] for r, row in zip(records, rows)):
+        return records
+    if explicit:
+        raise UserError(f"--reference-answers {path}: its {len(records)} records do not answer the "
+                        f"{len(rows)} prompts of --eval in order; give the answers to the same eval file")
+    print(f"{stage}: {path} answers other prompts than --eval; the reference model answers afresh")
+    return None

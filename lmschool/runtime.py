@@ -85,10 +85,11 @@ def set_rng_state(state: dict) -> None:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain lines (every log_every steps) in logs and CI."""
+    """A tqdm bar on a terminal; plain lines (every log_every steps) in logs and CI; both show the
+    metrics named by `keys`."""
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        self.enabled, self.tty = enabled, sys.stderr.isatty()
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, keys: tuple[str, ...] = ("loss", "lr")):
+        self.enabled, self.tty, self.keys = enabled, sys.stderr.isatty(), keys
         self.total, self.start, self.t0 = total, initial, time.time()
         self.bar = None
         if enabled and self.tty:
@@ -99,7 +100,7 @@ class Progress:
     def update(self, step: int, metrics: dict, log_line: bool) -> None:
         if not self.enabled:
             return
-        show = {k: metrics[k] for k in ("loss", "lr") if k in metrics}
+        show = {k: metrics[k] for k in self.keys if isinstance(metrics.get(k), (int, float))}
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in show.items()}, refresh=False)

@@ -144,7 +144,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn | None, cfg: TrainConfig, run_dir: str | Path,
                  *, tokenizer=None, extra: dict | None = None, dist: distributed.Dist | None = None,
                  desc: str = "train", progress: bool = True, lr: Callable[[int], float] | None = None,
-                 log_every_step: bool = False):
+                 log_every_step: bool = False, progress_keys: tuple[str, ...] = ("loss", "lr")):
         self.cfg, self.loss_fn, self.run_dir = cfg, loss_fn, Path(run_dir)
         self.dist = dist or distributed.Dist(device=pick_device(cfg.device))
         self.device = self.dist.device
@@ -153,6 +153,7 @@ class Trainer:
         self.model = model.to(self.device)          # the plain module: saved, evaluated
         self.tokenizer, self.extra, self.desc, self.show_progress = tokenizer, extra, desc, progress
         self.log_every_step = log_every_step        # every step a metrics line; log_every paces the progress
+        self.progress_keys = progress_keys          # the metrics the progress display shows
         self.precision = resolve_precision(self.device, cfg.precision)
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          betas=(cfg.beta1, cfg.beta2))
@@ -308,7 +309,8 @@ class Trainer:
                                                           self.dist.world_size))
         metrics_path = self.run_dir / "metrics.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        progress = Progress(cfg.max_steps, self.step, self.desc, self.show_progress and self.dist.is_main)
+        progress = Progress(cfg.max_steps, self.step, self.desc, self.show_progress and self.dist.is_main,
+                            self.progress_keys)
         last: dict = {}
         t_log, tokens_log = time.time(), self.tokens_seen
         try:

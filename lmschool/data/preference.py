@@ -90,32 +90,45 @@ def read_answer(value: object, where: str, field: str) -> str:
     return value
 
 
-def parse_pair(row: dict, where: str) -> Pair:
-    """Check one line and make it a Pair (see the module docstring for the rules)."""
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+def check_fields(row: dict, where: str, fields: tuple[str, ...], hint: str) -> None:
+    missing = [k for k in fields if k not in row]
     if missing:
         raise DataError(f"{where}: missing field{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(repr(k) for k in missing)}; {FORMAT_HINT}")
-    prompt = row["prompt"]
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
+                        f"{', '.join(repr(k) for k in missing)}; {hint}")
+
+
+def read_prompt(value: object, where: str, answered_by: str) -> list[dict]:
+    """A line's "prompt": a string (one user turn) or messages ending with the user turn that the
+    answers reply to (`answered_by` says so in errors: "the two answers reply to")."""
+    prompt = [{"role": "user", "content": value}] if isinstance(value, str) else value
     check_conversation(prompt, f"{where} (prompt)", need_assistant=False)
     if not any(m["role"] == "user" for m in prompt):
         raise DataError(f"{where}: the prompt has no user turn; it must end with the user's message "
-                        "that the two answers reply to")
+                        f"that {answered_by}")
     if prompt[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt's last turn is {prompt[-1]['role']}; it must end with "
-                        "the user turn that the two answers reply to")
+                        f"the user turn that {answered_by}")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def read_meta(row: dict, where: str, fields: tuple[str, ...]) -> dict:
+    """Every key of the line but `fields`, with "where"; a "split" must be train or test."""
+    split = row.get("split")
+    if split is not None and split not in SPLITS:
+        raise DataError(f"{where}: \"split\" is {split!r}; use \"train\" or \"test\" (or leave it out: train)")
+    return {**{k: v for k, v in row.items() if k not in fields}, "where": where}
+
+
+def parse_pair(row: dict, where: str) -> Pair:
+    """Check one line and make it a Pair (see the module docstring for the rules)."""
+    fields = ("prompt", "chosen", "rejected")
+    check_fields(row, where, fields, FORMAT_HINT)
+    prompt = read_prompt(row["prompt"], where, "the two answers reply to")
     chosen, rejected = read_answer(row["chosen"], where, "chosen"), read_answer(row["rejected"], where, "rejected")
     if chosen.strip() == rejected.strip():
         raise DataError(f"{where}: \"chosen\" and \"rejected\" are the same answer, so there is no "
                         "preference to learn; drop the line")
-    split = row.get("split")
-    if split is not None and split not in SPLITS:
-        raise DataError(f"{where}: \"split\" is {split!r}; use \"train\" or \"test\" (or leave it out: train)")
-    meta = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
-    meta["where"] = where
-    return Pair([{"role": m["role"], "content": m["content"]} for m in prompt], chosen, rejected, meta)
+    return Pair(prompt, chosen, rejected, read_meta(row, where, fields))
 
 
 def read_pairs(path: str | Path, *, split: str | None = None) -> list[Pair]:

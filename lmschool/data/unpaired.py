@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmschool.data.preference import (SPLITS, collate_rows, encode_response, fingerprint, fit_to_length,
-                                      parse_pair, read_answer, step_indices)
-from lmschool.data.jsonl import check_conversation, read_jsonl
+from lmschool.data.preference import (check_fields, collate_rows, encode_response, fingerprint,
+                                      fit_to_length, parse_pair, read_answer, read_meta, read_prompt,
+                                      step_indices)
+from lmschool.data.jsonl import read_jsonl
 from lmschool.errors import DataError
 
 FORMAT_HINT = ('expected {"prompt": "..." | [messages ending with a user turn], "completion": "..." | '
@@ -58,28 +59,14 @@ class Completion:
 
 def parse_completion(row: dict, where: str) -> Completion:
     """Check one {"prompt", "completion", "label"} line (see the module docstring)."""
-    missing = [k for k in ("prompt", "completion", "label") if k not in row]
-    if missing:
-        raise DataError(f"{where}: missing field{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(repr(k) for k in missing)}; {FORMAT_HINT}")
-    prompt = row["prompt"]
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    check_conversation(prompt, f"{where} (prompt)", need_assistant=False)
-    if prompt[-1]["role"] != "user":
-        raise DataError(f"{where}: the prompt's last turn is {prompt[-1]['role']}; it must end with "
-                        "the user turn that the completion answers")
+    fields = ("prompt", "completion", "label")
+    check_fields(row, where, fields, FORMAT_HINT)
+    prompt = read_prompt(row["prompt"], where, "the completion answers")
     completion = read_answer(row["completion"], where, "completion")
     if not isinstance(row["label"], bool):
         raise DataError(f"{where}: \"label\" is {row['label']!r}; it must be true (desirable) or false "
                         "(undesirable)")
-    split = row.get("split")
-    if split is not None and split not in SPLITS:
-        raise DataError(f"{where}: \"split\" is {split!r}; use \"train\" or \"test\" (or leave it out: train)")
-    meta = {k: v for k, v in row.items() if k not in ("prompt", "completion", "label")}
-    meta["where"] = where
-    return Completion([{"role": m["role"], "content": m["content"]} for m in prompt], completion,
-                      row["label"], meta)
+    return Completion(prompt, completion, row["label"], read_meta(row, where, fields))
 
 
 def read_unpaired(path: str | Path, *, split: str | None = None) -> list[Completion]:

@@ -49,11 +49,10 @@ from lmschool import distributed
 from lmschool.checkpoint import check_kind, load_model, resolve
 from lmschool.config import check
 from lmschool.data.preference import PairBatches, read_pairs
-from lmschool.data.jsonl import read_jsonl
 from lmschool.data.unpaired import UnpairedBatches, check_labels, read_unpaired
 from lmschool.errors import UserError
 from lmschool.data.prompts import read_prompts
-from lmschool.evaluate import evaluate_policy
+from lmschool.evaluate import evaluate_policy, reference_answers, run_file
 from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
 from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, kto_kl, needs_reference,
@@ -161,32 +160,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---- the SFT model's answers to --eval ----------------------------------------------------------
-
-def find_reference_answers(args: argparse.Namespace) -> tuple[Path | None, bool]:
-    """(path, explicit) of the SFT model's eval answers: --reference-answers, else the
-    eval_answers.jsonl of the run that --reference (or --init) names, directly or by its model/."""
-    if args.reference_answers is not None:
-        return args.reference_answers, True
-    given = Path(args.reference or args.init)
-    for run in (given, given.parent) if given.name == "model" else (given,):
-        if (run / "eval_answers.jsonl").is_file():
-            return run / "eval_answers.jsonl", False
-    return None, False
-
-
-def read_reference_answers(path: Path, rows: list[dict], explicit: bool) -> list[dict] | None:
-    """The records of `path` if they answer `rows` prompt for prompt; else an error (explicit) or
-    None (found by itself: the reference answers afresh)."""
-    records = [row for _, row in read_jsonl(path, "expected eval_answers.jsonl records")]
-    same = len(records) == len(rows) and all(r.get("prompt") == row["prompt"] for r, row in zip(records, rows))
-    if same:
-        return records
-    if explicit:
-        raise UserError(f"--reference-answers {path}: its {len(records)} records do not answer the "
-                        f"{len(rows)} prompts of --eval in order; give the answers to the same eval file")
-    print(f"dpo: {path} answers other prompts than --eval; the reference model answers afresh")
-    return None
-
 
 # ---- data ---------------------------------------------------------------------------------------
 
@@ -313,9 +286,11 @@ def run(args: argparse.Namespace) -> int:
     scorer = reference_records = None
     if eval_rows is not None:
         scorer = make_judge(args.scorer, beside=[args.eval])
-        answers, explicit = find_reference_answers(args)
+        # the SFT model's answers: --reference-answers, else those of the --reference (or --init) run
+        explicit = args.reference_answers is not None
+        answers = args.reference_answers if explicit else run_file(args.reference or args.init, "eval_answers.jsonl")
         if answers is not None:
-            reference_records = read_reference_answers(answers, eval_rows, explicit)
+            reference_records = reference_answers(answers, eval_rows, explicit=explicit, stage="dpo")
     dist = distributed.init(cfg.device)
     data = make_batches(cfg, train, tokenizer, cfg.seed)                     # encodes: too-long rows fail here
     test_data = make_batches(cfg, test, tokenizer, cfg.seed) if len(test) >= 2 else None

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from lmschool import config as config_lib
-from lmschool.checkpoint import load_model, resolve
+from lmschool.checkpoint import load_model
 from lmschool.files import atomic_write_text
 from lmschool.config import check
 from lmschool.errors import UserError
@@ -268,9 +268,7 @@ def run(args: argparse.Namespace) -> int:
     from lmschool.data.prompts import read_prompts
     from lmschool.judges import make_judge
     from lmschool.generate import compile_for_generation
-    from lmschool.checkpoint import check_kind
-    from lmschool.tokenizer import check_chat_tokenizer
-    from lmschool.tokenizer import Tokenizer
+    from lmschool.stages.common import check_vocab, open_init
     from lmschool.runtime import autocast, resolve_precision
     from lmschool.world.teacher import RATER_TEMPERATURE
 
@@ -289,10 +287,7 @@ def run(args: argparse.Namespace) -> int:
         # --resume with only the summary written (--out is written last) labels again
         if target.exists() and not (args.force or args.resume):
             raise UserError(f"--out {out}: {target} exists; pass --force to replace it or choose another name")
-    policy = resolve(args.policy)
-    check_kind(policy, "policy", "--policy")
-    tokenizer = Tokenizer.load(policy)
-    check_chat_tokenizer(tokenizer, policy)
+    policy, tokenizer = open_init(args.policy, "--policy")
     rows = read_prompts(args.prompts)
     if cfg.max_prompts:
         rows = rows[:cfg.max_prompts]
@@ -304,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = load_model(policy, head="lm", device=device).eval()
+    check_vocab(model, tokenizer, f"--policy {policy}")
     context = model.config.max_position_embeddings
     prompt_ids = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
     usable = [i for i, p in enumerate(prompt_ids) if len(p) < context]
