@@ -25,6 +25,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(DEMO_ENV) $(VENV)/bin/lmschool run --out runs/demo
+	$(PY) bench/bars.py runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmschool.pipeline import TITLES  # noqa: E402
+from lmschool.report.intervals import interval95  # noqa: E402
 from lmschool.report.markdown import MEASURES, fmt, table  # noqa: E402
 
 
@@ -61,45 +61,6 @@ BARS_BY_NAME = {b.name: b for b in BARS}
 _EPS = 1e-9  # float noise (0.20 - 0.02 = 0.18000000000000002) must not flip a ">=" or "<=" bar
 
 
-# the count of answers (or pairs) a bar's rate is over, by key; the win rate counts its outcomes
-RATE_COUNTS = {"correct_heldout_pupils": "heldout_pupil_rows", "correct_train_pupils": "train_pupil_rows",
-               "correct_arithmetic": "arithmetic_rows", "end_of_turn_rate": "eval_rows",
-               "refusal_correct": "refuse_rows", "fact_correct": "fact_rows",
-               "accuracy_noise_free": "noise_free_pairs"}
-Z95 = 1.959964
-
-
-def wilson_interval(rate: float, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion `rate` observed over `n` trials (stays inside [0, 1]
-    and is not empty at 0 or 1, unlike rate +- 1.96 * standard error)."""
-    z2 = Z95 * Z95
-    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z95 * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def outcome_interval(wins: int, ties: int, losses: int) -> tuple[float, float]:
-    """95% normal interval of a win rate with ties counted half: the mean of per-prompt outcomes
-    1, 1/2, 0 plus or minus 1.96 standard errors of that mean, clipped to [0, 1]."""
-    n = wins + ties + losses
-    mean = (wins + 0.5 * ties) / n
-    var = (wins * (1 - mean) ** 2 + ties * (0.5 - mean) ** 2 + losses * mean ** 2) / n
-    half = Z95 * math.sqrt(var / n)
-    return max(0.0, mean - half), min(1.0, mean + half)
-
-
-def bar_interval(entry: dict, key: str) -> tuple[float, float] | None:
-    """The 95% interval of stage `entry`'s `key`, where the report knows what it is a rate over."""
-    value = entry.get(key)
-    if value is None:
-        return None
-    if key == "win_rate_vs_sft":
-        counts = [entry.get(k) for k in ("wins", "ties", "losses")]
-        return outcome_interval(*counts) if all(isinstance(c, int) for c in counts) and sum(counts) else None
-    n = entry.get(RATE_COUNTS.get(key, ""))
-    return wilson_interval(value, int(n)) if isinstance(n, (int, float)) and n > 0 else None
-
-
 def bar_met(value: float, op: str, threshold: float) -> bool:
     if op == ">=":
         return value >= threshold - _EPS
@@ -128,7 +89,7 @@ def check_bars(report: dict) -> dict:
             base = number(*bar.relative_to.split("."))
             threshold = None if base is None else base + bar.threshold
         met = value is not None and threshold is not None and bar_met(value, bar.op, threshold)
-        interval = None if bar.stage == "run" else bar_interval(report["stages"].get(bar.stage, {}), bar.key)
+        interval = None if bar.stage == "run" else interval95(report["stages"].get(bar.stage, {}), bar.key)
         bars[bar.name] = {"stage": bar.stage, "key": bar.key, "op": bar.op, "value": value,
                           "threshold": threshold, "relative_to": bar.relative_to, "met": bool(met),
                           "interval95": list(interval) if interval else None, "issue": bar.issue}

@@ -21,7 +21,9 @@ from lmschool.model import ModelConfig, build_model
 from lmschool.pipeline import BY_NAME
 from lmschool.report import build_report
 from lmschool.data.prompts import pick_prompts
+from lmschool.report import intervals
 from lmschool.report.collect import REQUIRED, required
+from lmschool.report.markdown import with_interval
 from lmschool.stages.pretrain import write_chat_answers
 from lmschool.tokenizer import train_tokenizer
 
@@ -203,18 +205,23 @@ def test_intervals_by_hand():
     1.959964 * 0.083072 / 1.192073 = 0.136584: [0.69897, 0.97214] (the textbook 0.699-0.972). 0 of
     20: [0, 2 * 0.080563 = 0.16113]. Win rate from 6 wins, 2 ties, 2 losses: mean 0.7, variance
     (6 * 0.3^2 + 2 * 0.2^2 + 2 * 0.7^2) / 10 = 0.16, half 1.959964 * sqrt(0.016) = 0.247918."""
-    assert bars_py.wilson_interval(0.9, 20) == pytest.approx((0.69897, 0.97214), abs=1e-5)
-    assert bars_py.wilson_interval(0.0, 20) == pytest.approx((0.0, 0.16113), abs=1e-5)
-    assert bars_py.outcome_interval(6, 2, 2) == pytest.approx((0.452082, 0.947918), abs=1e-6)
-    assert bars_py.bar_interval({"refusal_correct": 0.9, "refuse_rows": 20}, "refusal_correct") == \
+    assert intervals.wilson_interval(0.9, 20) == pytest.approx((0.69897, 0.97214), abs=1e-5)
+    assert intervals.wilson_interval(0.0, 20) == pytest.approx((0.0, 0.16113), abs=1e-5)
+    assert intervals.outcome_interval(6, 2, 2) == pytest.approx((0.452082, 0.947918), abs=1e-6)
+    assert intervals.interval95({"refusal_correct": 0.9, "refuse_rows": 20}, "refusal_correct") == \
         pytest.approx((0.69897, 0.97214), abs=1e-5)
-    assert bars_py.bar_interval({"win_rate_vs_sft": 0.7, "wins": 6, "ties": 2, "losses": 2}, "win_rate_vs_sft") == \
+    assert intervals.interval95({"win_rate_vs_sft": 0.7, "wins": 6, "ties": 2, "losses": 2}, "win_rate_vs_sft") == \
         pytest.approx((0.452082, 0.947918), abs=1e-6)
     # no count, no interval (older summaries); a bar over a count gets one in report.json
-    assert bars_py.bar_interval({"refusal_correct": 0.9}, "refusal_correct") is None
+    assert intervals.interval95({"refusal_correct": 0.9}, "refusal_correct") is None
     bars = bars_py.check_bars({"stages": {"dpo": {"refusal_correct": 0.9, "refuse_rows": 20}}, "seconds_total": 1.0})
     assert bars["dpo.refusal_correct"]["interval95"] == pytest.approx([0.69897, 0.97214], abs=1e-5)
     assert bars["dpo.teacher_score"]["interval95"] is None and bars["run.seconds_total"]["interval95"] is None
+    # the report writes them beside the figures: report.json and the tables of report.md
+    entry = intervals.add_intervals({"refusal_correct": 0.9, "refuse_rows": 20, "teacher_score": 0.5})
+    assert entry["refusal_correct_interval95"] == pytest.approx([0.69897, 0.97214], abs=1e-5)
+    assert "teacher_score_interval95" not in entry
+    assert with_interval(entry, "refusal_correct", "rate") == "90.0% (69.9-97.2%)"
 
 
 def png_size(path) -> tuple[int, int]:

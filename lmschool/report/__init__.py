@@ -15,9 +15,9 @@ import os
 import time
 from pathlib import Path
 
+from lmschool.data.prompts import SIDE_BY_SIDE
 from lmschool.errors import UserError
 from lmschool.files import atomic_write_text
-from lmschool.data.prompts import SIDE_BY_SIDE
 from lmschool.report.collect import collect, side_by_side_answers
 from lmschool.report.markdown import render_markdown
 from lmschool.report.plots import draw_plots

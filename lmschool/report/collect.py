@@ -22,6 +22,7 @@ from pathlib import Path
 from lmschool.data.prompts import pick_prompts, prompt_key
 from lmschool.errors import UserError
 from lmschool.pipeline import BY_NAME, STAGES, Stage, names
+from lmschool.report.intervals import add_intervals
 
 SAMPLE_MODELS = ["pretrain", "sft", "dpo", "ppo"]   # the side-by-side columns, in this order
 
@@ -108,7 +109,7 @@ def stage_entry(run_dir: Path, stage: Stage, timings: dict) -> dict:
         entry.setdefault(key, None)
     seconds = timings.get(stage.name, summary.get("seconds"))
     entry["seconds"] = _clean(float(seconds)) if isinstance(seconds, (int, float)) else None
-    return entry
+    return add_intervals(entry)
 
 
 _SWEEP_NAME = re.compile(r"^(?P<method>[a-z]+)-(?P<param>[a-z_]+?)(?P<value>[0-9][0-9.e+-]*)$")

@@ -89,13 +89,22 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def with_interval(entry: dict, key: str, kind: str) -> str:
+    """The figure, and its 95% interval where the report has one: "76.2% (66.1-84.0%)"."""
+    interval = entry.get(f"{key}_interval95")
+    if entry.get(key) is None or not interval:
+        return fmt(entry.get(key), kind)
+    low, high = fmt(interval[0], kind).rstrip("%"), fmt(interval[1], kind)
+    return f"{fmt(entry[key], kind)} ({low}-{high})"
+
+
 def _measure_rows(entries: dict[str, dict], keys: list[str]) -> list[list[str]]:
     rows = []
     for key in keys:
         if all(e.get(key) is None for e in entries.values()):
             continue
         label, kind = MEASURES.get(key, (key.replace("_", " "), "num"))
-        rows.append([label, *(fmt(e.get(key), kind) for e in entries.values())])
+        rows.append([label, *(with_interval(e, key, kind) for e in entries.values())])
     return rows
 
 
@@ -133,7 +142,9 @@ def render_markdown(report: dict) -> str:
              "DPO/IPO/SimPO learn from the pairs directly). Every policy is judged by the same gold teacher "
              "(a rubric in [0, 1]: correct facts and sums, politeness, brevity, refusals with a reason that fits the request, a "
              "well-formed end) on held-out prompts. Rates are shown as percentages; report.json has the "
-             "same numbers as fractions.", "",
+             "same numbers as fractions. In parentheses beside a rate, its 95% interval (report.json: "
+             "`<key>_interval95`): how much of it is the evaluation's luck — the Wilson score interval "
+             "for a rate over n answers, a normal interval over the per-prompt outcomes for a win rate.", "",
              f"Wall time in all: **{fmt(report['seconds_total'], 'seconds')}** on {report['machine']['cpu']} "
              f"({report['machine']['cores']} cores, {report['machine']['device']}); report written "
              f"{report['created']}.", ""]
