@@ -46,26 +46,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None, argparse.ArgumentParser | None]:
+    """The `lmschool` parser, the module of the command argv names (or None) and its own parser."""
     parser = argparse.ArgumentParser(
         prog="lmschool",
         description="Train a chat model in three stages: pre-training, SFT, learning from feedback.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
-    chosen = None
+    chosen = chosen_parser = None
     for name, (modname, help_line) in COMMANDS.items():
         p = sub.add_parser(name, help=help_line, description=help_line)
         if wanted == name:
-            chosen = importlib.import_module(modname)
+            chosen, chosen_parser = importlib.import_module(modname), p
             chosen.add_arguments(p)
-    return parser, chosen
+    return parser, chosen, chosen_parser
+
+
+def parse(parser: argparse.ArgumentParser, command_parser, argv: list[str]) -> argparse.Namespace:
+    """Options and key=value overrides in any order (`max_steps=2 --resume lr=1e-3`): the command's
+    own parser reads its arguments intermixed, where its arguments allow it (not sub-commands)."""
+    if command_parser is None:
+        return parser.parse_args(argv)
+    try:
+        args = command_parser.parse_intermixed_args(argv[1:])
+    except TypeError:      # a command with sub-commands (`tokenizer train`): ordered parsing
+        return parser.parse_args(argv)
+    args.command = argv[0]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, module = build_parser(argv)
-    args = parser.parse_args(argv)
+    parser, module, command_parser = build_parser(argv)
+    args = parse(parser, command_parser, argv)
     if module is None:
         parser.print_help()
         return 0 if not argv else 2

@@ -7,7 +7,8 @@ one from a YAML file of values and command-line overrides such as `lr=3e-4` or
 falls back to a default costs a whole training run:
 
 - an unknown key is an error that names it, suggests the nearest known key, lists the allowed ones;
-- a value of the wrong type is an error naming the key, the expected type and what was given;
+- a value of the wrong type is an error naming the key, the expected type and what was given (a
+  float must be finite: nan and inf are refused);
 - range checks live in each dataclass's `__post_init__` and raise `ConfigError` through `check`.
 
 `save(cfg, path)` writes the resolved config as YAML into a run directory.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -129,14 +131,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):  # YAML reads "1e-3" as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad
+        if not math.isfinite(value):   # lr=inf passed every range check and trained a non-finite model
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return float(value)
     if tp is str:
         if isinstance(value, str):
             return value

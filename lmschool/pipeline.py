@@ -129,8 +129,9 @@ STAGES = [
           resumable=False),
     Stage("pretrain", "training", "pre-training", _pretrain),
     Stage("sft", "training", "SFT", _sft),
-    Stage("label", "labelling", "labelling", _label, done_file="prefs.jsonl", numbers_file="prefs.summary.json",
-          resumable=False),
+    # --resume: a kill between label's two files (the summary first, prefs.jsonl, the done file, last)
+    # labels again instead of stopping at "prefs.summary.json exists"
+    Stage("label", "labelling", "labelling", _label, done_file="prefs.jsonl", numbers_file="prefs.summary.json"),
     Stage("reward", "training", "reward model", _reward),
     Stage("dpo", "policy", "DPO", _dpo("dpo")),
     Stage("ipo", "policy", "IPO", _dpo("ipo"), overrides=["loss=ipo"]),

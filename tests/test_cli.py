@@ -3,11 +3,11 @@ importable, and a user's error is one line with exit status 2."""
 
 import importlib
 
-from lmschool.cli import COMMANDS, build_parser, main
+from lmschool.cli import COMMANDS, build_parser, main, parse
 
 
 def test_help_says_what_each_command_does():
-    parser, _ = build_parser([])
+    parser, _, _ = build_parser([])
     text = parser.format_help()
     for name, (_, help_line) in COMMANDS.items():
         assert name in text and " ".join(help_line.split()[:3]) in " ".join(text.split())
@@ -25,3 +25,16 @@ def test_no_command_prints_help_and_a_user_error_is_one_line(capsys, tmp_path):
     assert main(["eval", str(tmp_path / "missing"), "--data", str(tmp_path / "e.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lmschool eval: error: ")
+
+
+def test_overrides_and_options_in_any_order():
+    """`max_steps=2 --resume lr=1e-3` used to be refused (issue 19): options may sit between
+    the key=value overrides."""
+    argv = ["pretrain", "max_steps=2", "--data", "a.txt", "--resume", "lr=1e-3", "--out", "run"]
+    parser, _, command_parser = build_parser(argv)
+    args = parse(parser, command_parser, argv)
+    assert args.command == "pretrain" and args.overrides == ["max_steps=2", "lr=1e-3"] and args.resume
+    assert [str(p) for p in args.data] == ["a.txt"] and str(args.out) == "run"
+    argv = ["tokenizer", "train", "--data", "a.txt", "--byte-level", "--out", "tok"]   # a command with sub-commands
+    parser, _, command_parser = build_parser(argv)
+    assert parse(parser, command_parser, argv).byte_level

@@ -24,6 +24,8 @@ def test_overrides_and_yaml(tmp_path):
     (["compile=3"], r"'compile': expected bool"),
     (["precision=fp8"], r"'precision': expected one of 'auto', 'fp32', 'bf16'"),
     (["lr=-1"], r"'lr': must be positive"),
+    (["lr=inf"], r"'lr': expected a finite number, got inf"),
+    (["weight_decay=nan"], r"'weight_decay': expected a finite number, got nan"),
     (["model.num_key_value_heads=3"], r"'model.num_key_value_heads': 3 must divide"),
     (["seq_len"], r"not of the form key=value"),
 ])

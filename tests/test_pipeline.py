@@ -6,6 +6,7 @@ one list of stages: the report's stages are the pipeline's."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,3 +203,17 @@ def test_kill_during_pretraining_and_during_ppo_then_rerun(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 100      # resumed, not restarted or duplicated
     report = json.loads((out / "report.json").read_text())
     assert all(report["stages"][s]["seconds"] > 0 for s in ("pretrain", "ppo", "grpo"))
+
+
+def test_a_kill_between_labels_two_files_resumes(tiny_run, tmp_path):
+    """label writes prefs.summary.json, then prefs.jsonl (its done file): killed in between, the
+    next `lmschool run` labels again (it used to stop at "prefs.summary.json exists; pass --force"
+    on every rerun) and finishes the pipeline."""
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_run, out)
+    (out / "label" / "prefs.jsonl").unlink()
+    for stage in ["reward", *names("policy")]:
+        shutil.rmtree(out / stage)
+    assert main(["run", "--out", str(out), "--preset", "tiny"]) == 0
+    assert [json.loads(line) for line in (out / "label" / "prefs.jsonl").read_text().splitlines()]
+    assert all((out / s / "summary.json").is_file() for s in ["reward", *names("policy")])

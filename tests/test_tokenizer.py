@@ -218,6 +218,10 @@ def test_cli_trains_on_text_and_jsonl(tmp_path, capsys):
     assert "not empty; pass --force" in capsys.readouterr().err
     assert main(["tokenizer", "train", "--data", str(text_file), "--byte-level", "--out", str(out), "--force"]) == 0
     assert Tokenizer.load(out).vocab_size == 260 and sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "more.jsonl", "tok"]
+    (out / "notes.md").write_text("mine")              # --force replaces a tokenizer, never a user's files
+    assert main(["tokenizer", "train", "--data", str(text_file), "--byte-level", "--out", str(out), "--force"]) == 2
+    assert "holds notes.md, which lmschool did not write" in capsys.readouterr().err
+    assert (out / "notes.md").read_text() == "mine" and Tokenizer.load(out).vocab_size == 260
 
 
 @pytest.mark.parametrize("content, complaint", [

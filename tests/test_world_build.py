@@ -247,7 +247,7 @@ def test_unknown_preset_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
-def test_non_empty_dir_needs_force_and_is_left_alone(tmp_path, capsys):
+def test_non_empty_dir_needs_force_and_force_replaces_only_a_world(tmp_path, capsys):
     out = tmp_path / "w"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
@@ -256,8 +256,15 @@ def test_non_empty_dir_needs_force_and_is_left_alone(tmp_path, capsys):
     assert "not empty" in err and "--force" in err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert (out / "mine.txt").read_text() == "keep me"
-    assert main(["world", "--out", str(out), "--preset", "tiny", "--force"]) == 0
+    # --force replaces a world, never a user's files (issue 19: it used to delete mine.txt)
+    assert main(["world", "--out", str(out), "--preset", "tiny", "--force"]) == 2
+    assert "holds mine.txt, which lmschool did not write" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    (out / "mine.txt").unlink()
+    assert main(["world", "--out", str(out), "--preset", "tiny"]) == 0
+    assert main(["world", "--out", str(out), "--preset", "tiny", "--seed", "1", "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert '"seed": 1' in (out / "world.json").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["w"]  # no temporary directory left behind
 
 

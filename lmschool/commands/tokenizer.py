@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmschool.data.text import check_data, iter_texts
 from lmschool.errors import UserError
-from lmschool.files import atomic_dir
+from lmschool.files import atomic_dir, check_replaceable, clean_leftovers
 from lmschool.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 
@@ -48,9 +48,12 @@ def count_tokens(tokenizer: Tokenizer, paths: list[Path], batch_size: int = 4096
 def prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory path")
+    clean_leftovers(out)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out} exists and is not empty; pass --force to replace it "
                         "or choose another directory")
+    if out.is_dir() and any(out.iterdir()):
+        check_replaceable(out, "tokenizer")   # --force replaces a tokenizer, never a user's files
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,10 @@ has a row in the model's embedding).
 
 A run directory that already holds a run is never silently overwritten: `--resume` continues it
 from its latest checkpoint, `--force` replaces it; otherwise the command stops before any work.
+`--force` replaces only an lmschool run (a directory holding anything else is refused, naming
+it), and only once the new run has finished: until then it is built in a sibling directory
+(`files.staging_dir`) and the old run stays where it was, so a command that fails or is killed
+never leaves less than there was. `finish_run` writes summary.json and swaps the new run in.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmschool import config as config_lib
 from lmschool.checkpoint import check_kind, read_config, resolve
 from lmschool.errors import UserError
-from lmschool.files import atomic_write_text
+from lmschool.files import RUN_MARKER, atomic_write_text, check_replaceable, clean_leftovers, staging_dir, swap_in
 from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
 
 DATA_FILE = "data.json"
@@ -51,8 +55,21 @@ def load_stage_config(cls, args: argparse.Namespace):
     return config_lib.load(cls, args.config, args.overrides)
 
 
-def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> bool:
-    """Check --out before any work. Returns True when there is a run to resume."""
+@dataclass
+class RunDir:
+    """Where a stage writes: `path` is --out itself, or, with --force on an existing run, the
+    sibling that `finish_run` swaps into --out's place once the new run is complete."""
+
+    out: Path
+    path: Path
+    resuming: bool
+    finished: bool = False
+
+
+def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> RunDir:
+    """Check --out before any work and make the directory to write (rank 0 only)."""
+    for note in clean_leftovers(out, inside=("checkpoints",)):
+        print(f"lmschool: {note}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
     has_run = out.is_dir() and any(out.iterdir())
@@ -64,22 +81,38 @@ def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> bool:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise UserError(f"--out {out}: {parent} is not writable")
+    path = out
     if has_run and force:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return has_run and resume
+        check_replaceable(out, "run")
+        path = staging_dir(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARKER).touch()
+    return RunDir(out, path, resuming=has_run and resume)
 
 
-def open_run(out: Path, args: argparse.Namespace, dist, stage: str) -> bool | None:
-    """Check and prepare --out (rank 0), then sync. Returns whether the run resumes, or None
-    when it is already finished (its summary and final model exist) and there is nothing to do."""
+def open_run(out: Path, args: argparse.Namespace, dist, stage: str) -> RunDir:
+    """Check and prepare --out (rank 0), then sync. `finished` when the run is already finished
+    (its summary and final model exist) and there is nothing to do."""
     from lmschool import distributed
-    resuming = prepare_run_dir(out, resume=args.resume, force=args.force) if dist.is_main else args.resume
+    if dist.is_main:
+        run = prepare_run_dir(out, resume=args.resume, force=args.force)
     distributed.barrier()
-    if resuming and (out / "summary.json").is_file() and (out / "model" / "config.json").is_file():
+    if not dist.is_main:   # every rank writes where rank 0 decided
+        staged = args.force and staging_dir(out).is_dir()
+        run = RunDir(out, staging_dir(out) if staged else out, resuming=args.resume)
+    if run.resuming and (out / "summary.json").is_file() and (out / "model" / "config.json").is_file():
         print(f"{stage}: {out} is already finished (summary.json); nothing to do")
-        return None
-    return resuming
+        run.finished = True
+    return run
+
+
+def finish_run(run: RunDir, summary: dict) -> Path:
+    """Write summary.json (the run's done file) and, for a --force run, swap it into --out's place.
+    Returns --out. Rank 0 only, as writing the summary is."""
+    write_summary(run.path, summary)
+    if run.path != run.out:
+        swap_in(run.path, run.out)
+    return run.out
 
 
 # ---- the preamble ------------------------------------------------------------------------------

@@ -49,19 +49,19 @@ from lmschool import distributed
 from lmschool.checkpoint import check_kind, load_model, resolve
 from lmschool.config import check
 from lmschool.data.preference import PairBatches, read_pairs
+from lmschool.data.prompts import read_prompts
 from lmschool.data.unpaired import UnpairedBatches, check_labels, read_unpaired
 from lmschool.errors import UserError
-from lmschool.data.prompts import read_prompts
 from lmschool.evaluate import evaluate_policy, reference_answers, run_file
 from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
-from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, kto_kl, needs_reference,
-                                        paired_loss, sequence_logprobs)
-from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, load_stage_config,
-                                    max_length, open_init, open_run, save_resolved_config, write_data_info,
-                                    write_summary)
-from lmschool.tokenizer import Tokenizer, check_same_tokenizer
+from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, kto_kl, needs_reference, paired_loss,
+                                        sequence_logprobs)
 from lmschool.runtime import autocast, resolve_precision
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, finish_run,
+                                    load_stage_config, max_length, open_init, open_run, save_resolved_config,
+                                    write_data_info)
+from lmschool.tokenizer import Tokenizer, check_same_tokenizer
 from lmschool.trainer import TrainConfig, fit
 
 LossName = Literal["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto"]
@@ -298,10 +298,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.max_steps == 0:
         cfg.max_steps = math.ceil(cfg.epochs * per_epoch)
 
-    out: Path = args.out
-    resuming = open_run(out, args, dist, "dpo")
-    if resuming is None:
+    run = open_run(args.out, args, dist, "dpo")
+    if run.finished:
         return 0
+    out, resuming = run.path, run.resuming
     data_info = {"data": str(args.data), "fingerprint": data.fingerprint(), "train_examples": len(train),
                  "test_examples": len(test)}
     check_same_data(out, data_info, resuming)
@@ -372,8 +372,8 @@ def run(args: argparse.Namespace) -> int:
                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         summary.update(seconds_reference_pass=seconds_reference, seconds_train=seconds_train,
                        seconds_eval=time.time() - t0, seconds=timer.seconds)
-        write_summary(out, summary)
-        print_summary(summary, out / "model")
+        finish_run(run, summary)
+        print_summary(summary, run.out / "model")
     distributed.shutdown()
     return 0
 

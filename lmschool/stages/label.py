@@ -50,9 +50,9 @@ import torch
 
 from lmschool import config as config_lib
 from lmschool.checkpoint import load_model
-from lmschool.files import atomic_write_text
 from lmschool.config import check
 from lmschool.errors import UserError
+from lmschool.files import atomic_write_text
 
 
 @dataclass
@@ -264,12 +264,11 @@ def rate(rows: list[dict], answers: list[list[Answer]], judge) -> list[list[floa
 # ---- the command ------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from lmschool.runtime import pick_device
     from lmschool.data.prompts import read_prompts
-    from lmschool.judges import make_judge
     from lmschool.generate import compile_for_generation
+    from lmschool.judges import make_judge
+    from lmschool.runtime import autocast, pick_device, resolve_precision
     from lmschool.stages.common import check_vocab, open_init
-    from lmschool.runtime import autocast, resolve_precision
     from lmschool.world.teacher import RATER_TEMPERATURE
 
     cfg = load_config(args)

@@ -72,21 +72,22 @@ import torch.nn as nn
 from lmschool import distributed
 from lmschool.checkpoint import load_model, resolve
 from lmschool.config import check
+from lmschool.data.prompts import encode_prompts, read_prompts
 from lmschool.errors import UserError
 from lmschool.files import atomic_write_text
-from lmschool.data.prompts import encode_prompts, read_prompts
-from lmschool.judges import TeacherJudge, make_judge, school_teacher, world_file
 from lmschool.generate import generate
+from lmschool.judges import TeacherJudge, make_judge, school_teacher, world_file
 from lmschool.losses.lm import lm_loss
-from lmschool.losses.ppo import (ADVANTAGES, KLController, explained_variance, gae, kl_penalty,
-                                 masked_mean, masked_whiten, policy_loss, token_rewards, value_loss)
+from lmschool.losses.ppo import (ADVANTAGES, KLController, explained_variance, gae, kl_penalty, masked_mean,
+                                 masked_whiten, policy_loss, token_rewards, value_loss)
 from lmschool.rollout import Rollout, in_chunks, response_logprobs, response_values
-from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, context_length,
-                                    load_stage_config, open_init, open_run, save_resolved_config,
-                                    write_data_info, write_summary)
-from lmschool.tokenizer import Tokenizer
 from lmschool.runtime import autocast, pick_device, to_device
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, context_length,
+                                    finish_run, load_stage_config, open_init, open_run, save_resolved_config,
+                                    write_data_info)
+from lmschool.tokenizer import Tokenizer
 from lmschool.trainer import TrainConfig, Trainer, schedule
+
 
 @dataclass
 class PPOConfig(TrainConfig):
@@ -529,10 +530,10 @@ def run(args: argparse.Namespace) -> int:
     teacher = (TeacherJudge(school_teacher(args.prompts, args.eval))
                if world_file(args.prompts, args.eval) or args.scorer == "teacher" else None)
 
-    out: Path = args.out
-    resuming = open_run(out, args, distributed.Dist(device=device), "ppo")
-    if resuming is None:
+    run = open_run(args.out, args, distributed.Dist(device=device), "ppo")
+    if run.finished:
         return 0
+    out, resuming = run.path, run.resuming
     data_info = {"data": str(args.prompts), "rows": len(prompts), "fingerprint": _fingerprint(prompts)}
     check_same_data(out, data_info, resuming)
     save_resolved_config(cfg, out)
@@ -566,12 +567,12 @@ def run(args: argparse.Namespace) -> int:
     if resuming:
         trainer.resume()
     trainer.fit(step=loop.iteration)
-    model_dir = trainer.save_final()
+    trainer.save_final()
 
     summary = finish(loop, args, cfg, out, eval_rows)
     summary["seconds"] = timer.seconds
-    write_summary(out, summary)
-    print_summary(summary, model_dir)
+    finish_run(run, summary)
+    print_summary(summary, run.out / "model")
     return 0
 
 

@@ -24,22 +24,21 @@ import numpy as np
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import load_model, resolve
+from lmschool.checkpoint import check_kind, load_model, resolve
 from lmschool.config import check
-from lmschool.data.text import check_data
-from lmschool.data.pretrain import TokenWindows, load_tokens, prepare, val_batches
-from lmschool.evaluate import lm_loss_and_bpb
 from lmschool.data.jsonl import read_jsonl
+from lmschool.data.pretrain import TokenWindows, load_tokens, prepare, val_batches
 from lmschool.data.prompts import SIDE_BY_SIDE, pick_prompts
+from lmschool.data.text import check_data
+from lmschool.evaluate import lm_loss_and_bpb
 from lmschool.files import atomic_write_text
 from lmschool.generate import generate
 from lmschool.judges import world_file
 from lmschool.losses.lm import lm_loss
 from lmschool.model import ModelConfig, build_model
-from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, file_fingerprint,
-                                    load_stage_config, open_run, save_resolved_config, write_data_info,
-                                    write_summary)
 from lmschool.runtime import autocast
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, file_fingerprint,
+                                    finish_run, load_stage_config, open_run, save_resolved_config, write_data_info)
 from lmschool.tokenizer import Tokenizer, train_tokenizer
 from lmschool.trainer import TrainConfig, fit
 from lmschool.world.build import completion_probes
@@ -83,12 +82,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(PretrainConfig, args)
     check_data(args.data)  # every file readable, UTF-8 and non-empty, before --out is touched
+    if args.init:
+        args.init = resolve(args.init)   # a missing or bad --init stops here, not after --out is opened
+        check_kind(args.init, "policy", "--init")
+    if args.tokenizer is not None:
+        Tokenizer.load(args.tokenizer)
     timer = Timer()
     dist = distributed.init(cfg.device)
-    out: Path = args.out
-    resuming = open_run(out, args, dist, "pretrain")
-    if resuming is None:
+    run = open_run(args.out, args, dist, "pretrain")
+    if run.finished:
         return 0
+    out, resuming = run.path, run.resuming
     data_info = {"data": [str(p) for p in args.data], "fingerprint": file_fingerprint(args.data)}
     check_same_data(out, data_info, resuming)  # a resumed run reads RUN/data, tokenised when it started
     torch.manual_seed(cfg.seed)
@@ -153,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad(), autocast(trainer.device, trainer.precision):
             summary.update(school_world_probes(model, tokenizer, args.data))
         write_chat_answers(out, args.data)
-        write_summary(out, summary)
+        finish_run(run, summary)
         print(f"pretrain: val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits per byte, "
-              f"{summary['steps']} steps in {summary['seconds']:.0f}s -> {out / 'model'}")
+              f"{summary['steps']} steps in {summary['seconds']:.0f}s -> {run.out / 'model'}")
         if "fact_completion" in summary:
             print(f"pretrain: fact completion {summary['fact_completion']:.1%} over "
                   f"{summary['fact_completion_probes']} probes")

@@ -54,9 +54,9 @@ from lmschool.data.preference import Pair, PairBatches, collate_pairs, encode_pa
 from lmschool.errors import DataError
 from lmschool.files import atomic_write_text
 from lmschool.losses.reward import reward_loss, sequence_rewards
-from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, load_stage_config,
-                                    max_length, open_init, open_run, save_resolved_config, write_data_info,
-                                    write_summary)
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, finish_run,
+                                    load_stage_config, max_length, open_init, open_run, save_resolved_config,
+                                    write_data_info)
 from lmschool.trainer import TrainConfig, fit
 
 
@@ -280,10 +280,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.max_steps == 0:
         cfg.max_steps = math.ceil(cfg.epochs * per_epoch)
 
-    out: Path = args.out
-    resuming = open_run(out, args, dist, "reward")
-    if resuming is None:
+    run = open_run(args.out, args, dist, "reward")
+    if run.finished:
         return 0
+    out, resuming = run.path, run.resuming
     data_info = {"data": str(args.data), "fingerprint": data.fingerprint(), "train_pairs": len(train),
                  "test_pairs": len(test), "test_split": split_how, "groups": len(data.groups)}
     check_same_data(out, data_info, resuming)
@@ -328,8 +328,8 @@ def run(args: argparse.Namespace) -> int:
         summary["pairs_per_s"] = summary["epochs"] * len(train) / max(train_seconds, 1e-9)
         summary["seconds"] = timer.seconds
         write_test_rewards(out / "test_rewards.jsonl", test, chosen - bias, rejected - bias)
-        write_summary(out, summary)
-        print_summary(summary, out / "model")
+        finish_run(run, summary)
+        print_summary(summary, run.out / "model")
     distributed.shutdown()
     return 0
 

@@ -40,17 +40,17 @@ from lmschool import distributed
 from lmschool.checkpoint import load_model
 from lmschool.config import check
 from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
+from lmschool.data.prompts import read_prompts
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
 from lmschool.data.text import check_data
-from lmschool.data.prompts import read_prompts
 from lmschool.evaluate import evaluate_generations
 from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
-from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, load_stage_config,
-                                    max_length, open_init, open_run, save_resolved_config, write_data_info,
-                                    write_summary)
 from lmschool.runtime import autocast
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, finish_run,
+                                    load_stage_config, max_length, open_init, open_run, save_resolved_config,
+                                    write_data_info)
 from lmschool.trainer import TrainConfig, fit
 
 
@@ -149,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.max_steps == 0:
         cfg.max_steps = math.ceil(cfg.epochs * per_epoch)
 
-    out: Path = args.out
-    resuming = open_run(out, args, dist, "sft")
-    if resuming is None:
+    run = open_run(args.out, args, dist, "sft")
+    if run.finished:
         return 0
+    out, resuming = run.path, run.resuming
     data_info = {"data": [str(p) for p in args.data], "fingerprint": fingerprint(train),
                  "train_examples": len(train), "val_examples": len(val),
                  "replay": [[str(p), p.stat().st_size] for p in args.replay or []]}
@@ -204,8 +204,8 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_text(out / "eval_answers.jsonl",
                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         summary["seconds"] = timer.seconds
-        write_summary(out, summary)
-        print_summary("sft", summary, out / "model")
+        finish_run(run, summary)
+        print_summary("sft", summary, run.out / "model")
     distributed.shutdown()
     return 0
 

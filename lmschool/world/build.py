@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from lmschool.errors import UserError
-from lmschool.files import atomic_dir
+from lmschool.files import atomic_dir, check_replaceable, clean_leftovers
 from lmschool.world import dialogues, sentences
 from lmschool.world.corpus import DOC_END, build_corpus
 from lmschool.world.facts import FACT_TYPES, build_world
@@ -111,11 +111,14 @@ def write(out: str | os.PathLike, seed: int = 0, preset_name: str = "default",
     cannot be written."""
     preset = get_preset(preset_name)  # fail on a bad preset before touching the disk
     out = Path(out)
+    clean_leftovers(out)   # what a killed write of this world left beside it
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out} exists and is not empty; pass --force to replace it "
                         "or choose another directory")
+    if out.is_dir() and any(out.iterdir()):
+        check_replaceable(out, "world")   # --force replaces a world, never a user's files
     if out.is_dir() and not os.access(out, os.W_OK):
         raise UserError(f"--out {out} is not writable")
     files, summary = build(seed, preset.name)
