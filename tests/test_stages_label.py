@@ -119,7 +119,7 @@ def label_cmd(policy, prompts, out, *extra):
     overrides = [x for x in extra if "=" in x and not x.startswith("--")]
     options = [x for x in extra if x not in overrides]
     return main(["label", "--policy", str(policy), "--prompts", str(prompts), "--out", str(out), "--samples", "4",
-                 "--scorer", "test_label:length_score", *options, *SMALL, *overrides])
+                 "--scorer", "test_stages_label:length_score", *options, *SMALL, *overrides])
 
 
 def test_label_is_deterministic_under_a_seed(policy, prompts, tmp_path):
