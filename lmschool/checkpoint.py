@@ -11,14 +11,20 @@ A model directory holds `config.json`, `model.safetensors`, the tokenizer files 
                                  step); the last `keep_last` are kept
 
 Every directory is written under a temporary name and renamed into place, so a crash never
-leaves a half-written checkpoint. Loads are safetensors, and `torch.load(weights_only=True)` for
-resume state: no pickled code from a file is ever executed.
+leaves a half-written checkpoint, and holds a `manifest.json` written last (each file's size and
+SHA-256): a checkpoint proves itself. `checkpoint_problem` says why one cannot be trusted (a file
+missing, truncated or changed, unreadable or non-finite weights); resume takes the newest
+checkpoint without a problem and says which it skipped; loading a damaged model is one clear
+error. Weights that are not finite are never written as a checkpoint. Loads are safetensors, and
+`torch.load(weights_only=True)` for resume state: no pickled code from a file is ever executed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +36,7 @@ from lmschool.hf import from_hf_config, to_hf_config
 from lmschool.model import Transformer, init_weights
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
 
 
 def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra: dict | None = None) -> None:
@@ -52,10 +59,82 @@ def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra
 
 
 def save_model(path: str | Path, model: Transformer, tokenizer=None, extra: dict | None = None) -> Path:
-    """Atomically write an HF model directory at `path`."""
+    """Atomically write an HF model directory at `path` (its manifest last)."""
+    check_finite(model, Path(path))
     with atomic_dir(path) as tmp:
         write_model(tmp, model, tokenizer, extra)
+        write_manifest(tmp)
     return Path(path)
+
+
+# ---- checkpoints that prove themselves --------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """directory/manifest.json: the size and SHA-256 of every other file in it, written last."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+               for p in files}
+    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def manifest_problem(directory: Path) -> str | None:
+    """What in `directory` differs from its manifest (a file missing, of another size or checksum),
+    or None; None too for a directory written before manifests (nothing to check against)."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for name, entry in entries.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry.get("bytes"):
+            return f"{name} has {file.stat().st_size} bytes where {entry.get('bytes')} were written"
+        if _sha256(file) != entry.get("sha256"):
+            return f"{name} is not the file that was written (its checksum differs)"
+    return None
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why a training checkpoint cannot be resumed from, or None: its manifest, its files, and
+    weights that read and are finite."""
+    problem = manifest_problem(directory)
+    if problem:
+        return problem
+    for name in ("config.json", "model.safetensors", STATE_FILE):
+        if not (directory / name).is_file():
+            return f"{name} is missing"
+    try:
+        tensors = load_file(str(directory / "model.safetensors"))
+    except Exception as e:   # safetensors raises its own error types for a damaged file
+        return f"model.safetensors cannot be read ({str(e)[:80]})"
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad:
+        return f"its weights are not finite ({bad})"
+    try:
+        load_training_state(directory)
+    except Exception as e:   # a damaged pickle-free state file: zip or tensor errors of any type
+        return f"{STATE_FILE} cannot be read ({str(e)[:80]})"
+    return None
+
+
+def check_finite(model: torch.nn.Module, where: Path) -> None:
+    """Refuse to write weights that are not finite: they would pass for a good checkpoint."""
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise UserError(f"{where}: not written, the weights are not finite ({bad}); the run diverged. "
+                        "Try a lower lr or grad_clip")
 
 
 def resolve(path: str | Path) -> Path:
@@ -86,7 +165,11 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        try:
+            return load_file(str(single))
+        except Exception as e:   # safetensors raises its own error types for a damaged file
+            raise UserError(f"{single} cannot be read ({str(e)[:80]}); the file is damaged: use another "
+                            "checkpoint of the run, or train again") from None
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         tensors: dict[str, torch.Tensor] = {}
@@ -109,6 +192,9 @@ def load_model(path: str | Path, head: str | None = None, *, new_head: bool = Fa
     the backbone is loaded and the new head initialised by `init_weights`.
     """
     path = resolve(path)
+    problem = manifest_problem(path)
+    if problem:
+        raise UserError(f"{path} is damaged: {problem}; use another checkpoint of the run, or train again")
     cfg, saved_head = from_hf_config(read_config(path), str(path / "config.json"))
     head = head or saved_head
     if head != saved_head and not new_head:
@@ -153,17 +239,25 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    dirs = checkpoint_dirs(run_dir)
-    return dirs[-1] if dirs else None
+    """The newest checkpoint of a run that has no problem (see checkpoint_problem); each newer one
+    skipped is said in one line on stderr."""
+    for directory in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            return directory
+        print(f"lmschool: skipped checkpoint {directory}: {problem}", file=sys.stderr)
+    return None
 
 
 def save_training_checkpoint(run_dir: str | Path, step: int, model: Transformer, state: dict,
                              tokenizer=None, extra: dict | None = None, keep_last: int = 2) -> Path:
     """Write RUN/checkpoints/step-N (model + trainer_state.pt) atomically; prune to `keep_last`."""
     path = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    check_finite(model, path)
     with atomic_dir(path) as tmp:
         write_model(tmp, model, tokenizer, extra)
         torch.save(state, tmp / STATE_FILE)
+        write_manifest(tmp)
     for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path

@@ -41,7 +41,7 @@ from typing import Callable, Literal, Protocol
 import torch
 
 from lmschool import distributed
-from lmschool.checkpoint import (latest_checkpoint, load_training_state, save_model,
+from lmschool.checkpoint import (checkpoint_dirs, latest_checkpoint, load_training_state, save_model,
                                  save_training_checkpoint)
 from lmschool.config import check
 from lmschool.errors import UserError
@@ -288,8 +288,12 @@ class Trainer:
     def resume(self) -> bool:
         """Load the latest checkpoint of the run directory, if any. Returns whether it did."""
         from safetensors.torch import load_file
-        last = latest_checkpoint(self.run_dir)
+        last = latest_checkpoint(self.run_dir)   # the newest intact one; skipped ones are said
         if last is None:
+            if checkpoint_dirs(self.run_dir):
+                raise UserError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'} can be resumed from "
+                                "(each is damaged, see above); pass --force to start the run afresh")
+            truncate_metrics(self.run_dir / "metrics.jsonl", 0)   # killed before its first checkpoint: afresh
             return False
         tensors = load_file(str(last / "model.safetensors"))
         self.model.load_state_dict(tensors, strict=False)
