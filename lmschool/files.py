@@ -87,6 +87,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_output_file(path: Path, force: bool, flag: str = "--out") -> None:
+    """Before any long work: a file `path` can be written here, and replaces an existing file
+    only with --force."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise UserError(f"{flag} {path} exists; pass --force to replace it or choose another name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: {parent} is not a writable directory")
+
+
 # ---- replacing a directory: build the new one beside it, swap it in at the end ------------------
 
 def staging_dir(path: Path) -> Path:

@@ -67,6 +67,11 @@ def from_hf_config(d: dict, where: str = "config.json") -> tuple[ModelConfig, st
                         f"Llama-family checkpoints ({', '.join(SUPPORTED_TYPES)})")
     if d.get("use_sliding_window") or (model_type == "mistral" and d.get("sliding_window")):
         raise UserError(f"{where}: sliding-window attention is not supported")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    for key in required:
+        if not isinstance(d.get(key), int) or isinstance(d.get(key), bool) or d[key] < 1:
+            raise UserError(f"{where}: {key!r} must be a positive integer, got {d.get(key)!r}; "
+                            f"a model's config.json needs {', '.join(required)}")
     archs = d.get("architectures") or []
     head = "score" if any("SequenceClassification" in a for a in archs) else "lm"
     if head == "score" and d.get("num_labels", len(d.get("id2label") or {0: 0})) != 1:

@@ -199,9 +199,18 @@ class Tokenizer:
         if not (directory / "tokenizer.json").is_file():
             raise UserError(f"{directory}: no tokenizer.json there; expected a tokenizer directory "
                             "written by `lmschool tokenizer train` or a Hugging Face checkpoint")
-        tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:   # the tokenizers library raises a bare Exception for a bad file
+            raise UserError(f"{directory / 'tokenizer.json'} cannot be read ({str(e)[:80]}); the file is "
+                            "damaged: use the tokenizer of another checkpoint of the run, or train it again") from None
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{config_path} is not valid JSON ({e}); the file is damaged") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
         if (directory / "chat_template.jinja").is_file():  # newer transformers save it apart
             config["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         return cls(tok, config)

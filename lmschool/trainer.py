@@ -296,7 +296,12 @@ class Trainer:
             truncate_metrics(self.run_dir / "metrics.jsonl", 0)   # killed before its first checkpoint: afresh
             return False
         tensors = load_file(str(last / "model.safetensors"))
-        self.model.load_state_dict(tensors, strict=False)
+        try:
+            self.model.load_state_dict(tensors, strict=False)
+        except RuntimeError as e:   # another shape: the config changed since the run started
+            raise UserError(f"--resume: {last} holds a model of another shape than this config builds "
+                            f"({str(e).splitlines()[-1].strip()[:120]}); resume with the settings the run "
+                            "started with (RUN/config.yaml), or pass --force to start afresh") from None
         self.load_state_dict(load_training_state(last))
         truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         return True

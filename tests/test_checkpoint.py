@@ -122,3 +122,12 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(UserError, match="not written, the weights are not finite"):
         save_model(tmp_path / "model", model)
     assert not (tmp_path / "run" / "checkpoints" / "step-00000005").exists() and not (tmp_path / "model").exists()
+
+
+def test_resuming_with_another_model_shape_is_one_clear_error(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "part", run)
+    wider = ModelConfig(**{**CFG.__dict__, "hidden_size": 64, "intermediate_size": 128})
+    cfg = TrainConfig(max_steps=16, batch_size=4, save_every=4, device="cpu", threads=1, precision="fp32")
+    with pytest.raises(UserError, match="holds a model of another shape .*RUN/config.yaml"):
+        fit(build_model(wider, seed=0), DATA, lm_loss, cfg, run, resume=True, desc="t")

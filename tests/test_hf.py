@@ -56,6 +56,8 @@ def test_mistral_without_sliding_window_is_a_llama():
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
     ({"model_type": "mistral", "sliding_window": 4096}, "sliding-window attention is not supported"),
     ({"architectures": ["LlamaForSequenceClassification"], "num_labels": 3}, "a reward model must have num_labels 1"),
+    ({"hidden_size": None}, "'hidden_size' must be a positive integer, got None"),
+    ({"num_hidden_layers": "2"}, "'num_hidden_layers' must be a positive integer, got '2'"),
 ])
 def test_refusals_name_the_file_and_the_reason(change, message):
     with pytest.raises(UserError, match=f"x/config.json: {message}"):

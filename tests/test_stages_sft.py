@@ -395,6 +395,13 @@ def test_sft_and_eval_commands_write_the_figures(tok, ckpt, world, tmp_path, cap
     assert main(["eval", str(out), "--data", str(world / "eval.jsonl"), "--out", str(tmp_path / "s.json"),
                  "--scorer", "lmschool.world.teacher:reward", "--max-new-tokens", "4"]) == 0
     assert "score" in json.loads((tmp_path / "s.json").read_text())
+    # an existing --out is kept unless --force (it used to be overwritten), checked before any answer
+    before = (tmp_path / "s.json").read_text()
+    assert main(["eval", str(out), "--data", str(world / "eval.jsonl"), "--out", str(tmp_path / "s.json"),
+                 "--max-new-tokens", "4"]) == 2
+    assert "s.json exists; pass --force" in capsys.readouterr().err and (tmp_path / "s.json").read_text() == before
+    assert main(["eval", str(out), "--data", str(world / "eval.jsonl"), "--out", str(tmp_path / "s.json"),
+                 "--max-new-tokens", "4", "--force"]) == 0
     # a reward model as the judge: each answer's score is the reward-model judge's, and the summary says which
     rm = tmp_path / "rm"
     save_model(rm, load_model(out, head="score", new_head=True), tok, {"kind": "reward", "reward_bias": 0.25})

@@ -256,3 +256,15 @@ def test_every_digit_is_its_own_token(tok):
         pieces = [t.decode([i]) for i in t.encode("47 + 38 = 85, 1999", add_special_tokens=False)]
         assert [p.strip() for p in pieces if p.strip().isdigit()] == list("4738851999")
         assert all(len(p.strip()) <= 1 for p in pieces if any(c.isdigit() for c in p))
+
+
+def test_a_damaged_tokenizer_is_one_clear_error(tmp_path):
+    tok = train_tokenizer([], byte_level=True)
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(UserError, match="tokenizer.json cannot be read .*the file is damaged"):
+        Tokenizer.load(tmp_path)
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[1, ")
+    with pytest.raises(UserError, match="tokenizer_config.json is not valid JSON"):
+        Tokenizer.load(tmp_path)

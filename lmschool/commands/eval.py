@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="judge with this reward model (from `lmschool reward`, with CKPT's tokenizer)")
     parser.add_argument("--out", type=Path, metavar="FILE", help="write the figures here as JSON")
     parser.add_argument("--answers", type=Path, metavar="FILE", help="write every answer here as JSONL")
+    parser.add_argument("--force", action="store_true", help="replace --out / --answers if they exist")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="prompts answered at once (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lmschool.checkpoint import load_model, resolve
-    from lmschool.files import atomic_write_text
+    from lmschool.files import atomic_write_text, check_output_file
     from lmschool.errors import UserError
     from lmschool.data.prompts import read_prompts
     from lmschool.evaluate import evaluate_generations
@@ -59,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(path)
     check_chat_tokenizer(tokenizer, path)
     rows = read_prompts(args.data)
-    for target in (args.out, args.answers):
-        if target is not None and target.is_dir():
-            raise UserError(f"{target} is a directory; give a file name")
+    for flag, target in (("--out", args.out), ("--answers", args.answers)):
+        if target is not None:
+            check_output_file(target, args.force, flag)   # before the answers are sampled
     device = pick_device(args.device)
     judge = make_judge(args.scorer, args.reward, beside=[args.data], tokenizer=tokenizer, device=device,
                        batch_size=args.batch_size, policy_name=f"CKPT {path}")

@@ -52,7 +52,7 @@ from lmschool import config as config_lib
 from lmschool.checkpoint import load_model
 from lmschool.config import check
 from lmschool.errors import UserError
-from lmschool.files import atomic_write_text
+from lmschool.files import atomic_write_text, check_output_file
 
 
 @dataclass
@@ -286,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
         # --resume with only the summary written (--out is written last) labels again
         if target.exists() and not (args.force or args.resume):
             raise UserError(f"--out {out}: {target} exists; pass --force to replace it or choose another name")
+    check_output_file(out, force=True)   # a writable place, before any answer is sampled
     policy, tokenizer = open_init(args.policy, "--policy")
     rows = read_prompts(args.prompts)
     if cfg.max_prompts:
