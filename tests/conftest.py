@@ -27,3 +27,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny school world, written afresh for each test module that asks for it."""
+    from lmschool.world.build import write
+    out = tmp_path_factory.mktemp("world") / "w"
+    write(out, seed=0, preset_name="tiny")
+    return out

@@ -27,14 +27,6 @@ def tok():
     return train_tokenizer([], byte_level=True)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from lmschool.world.build import write
-    out = tmp_path_factory.mktemp("world") / "w"
-    write(out, seed=0, preset_name="tiny")
-    return out
-
-
 def tiny_model(tok, seed=0):
     return build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=512),

@@ -34,14 +34,6 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from lmschool.world.build import write
-    out = tmp_path_factory.mktemp("world") / "w"
-    write(out, seed=0, preset_name="tiny")
-    return out
-
-
-@pytest.fixture(scope="module")
 def rm(tok, tmp_path_factory):
     """A random reward model (context 64) whose checkpoint stores reward_bias 0.5."""
     path = tmp_path_factory.mktemp("rm") / "model"

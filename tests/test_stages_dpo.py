@@ -32,14 +32,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from lmschool.world.build import write
-    out = tmp_path_factory.mktemp("world") / "w"
-    write(out, seed=0, preset_name="tiny")
-    return out
-
-
-@pytest.fixture(scope="module")
 def tok(world):
     return train_tokenizer([(world / "corpus.txt").read_text(), (world / "sft.jsonl").read_text()], vocab_size=600)
 

@@ -341,14 +341,6 @@ def test_checkpoint_without_chat_tokens_is_a_clear_error(tmp_path, capsys):
 
 # ---- generation-based evaluation --------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from lmschool.world.build import write
-    out = tmp_path_factory.mktemp("world") / "w"
-    write(out, seed=0, preset_name="tiny")
-    return out
-
-
 def test_figures_of_a_model_that_answers_with_the_references(tok, world, monkeypatch):
     """A stand-in for generate that answers every prompt with its reference (then <|im_end|>): the
     teacher finds every answer right; one that never stops has an end-of-turn rate of 0."""
