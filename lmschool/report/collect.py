@@ -10,6 +10,9 @@ itself); the machine is the one `lmschool run` recorded in DIR/machine.json.
   read one shape. Non-finite numbers become null (JSON has no NaN).
 - **Sample answers side by side** (`side_by_side_answers`): the same eval prompts, one per category
   (`pick_prompts`), answered by the pre-trained, SFT, DPO and PPO models, from their eval_answers.jsonl.
+- **Three examples** (`feedback_examples`): where SFT's answer sampled at temperature 1 scores lowest
+  (a forbidden request, an honesty question, one other), beside each feedback method's sampled
+  answer, from the policy stages' eval_answers.jsonl (`reference_sampled` is SFT's, `sampled` theirs).
 """
 
 from __future__ import annotations
@@ -26,17 +29,24 @@ from lmschool.report.intervals import add_intervals
 
 SAMPLE_MODELS = ["pretrain", "sft", "dpo", "ppo"]   # the side-by-side columns, in this order
 
-# Keys report.json always carries per stage (null when missing), as issue 8 lists them; by stage
-# name, or by kind for the policy stages (each judged the same way).
+# Keys report.json always carries per stage (null when missing), as issues 8 and 15 list them; by stage
+# name, or by kind for the policy stages (each judged the same way); issue 15 adds the conduct
+# figures (flaws, hallucinations, behaviour) and the demonstrations' own.
 REQUIRED = {
+    "world": ["demonstration_flaw_share"],
     "pretrain": ["val_loss", "val_bpb", "fact_completion"],
     "sft": ["teacher_score", "correct_heldout_pupils", "correct_train_pupils", "correct_arithmetic",
-            "fact_correct", "refusal_correct", "end_of_turn_rate"],
-    "reward": ["accuracy_noise_free", "accuracy_rater", "teacher_rank_correlation"],
-    "policy": ["teacher_score", "win_rate_vs_sft", "refusal_correct", "fact_correct", "kl_from_sft", "rm_reward"],
+            "fact_correct", "refusal_correct", "end_of_turn_rate", "flaw_rate", "hallucination_rate",
+            "behaviour_score", "demonstration_behaviour_score"],
+    "reward": ["accuracy_noise_free", "accuracy_rater", "teacher_rank_correlation", "rater_agreement_noise_free"],
+    "policy": ["teacher_score", "win_rate_vs_sft", "refusal_correct", "fact_correct", "kl_from_sft", "rm_reward",
+               "flaw_rate", "hallucination_rate", "behaviour_score"],
 }
 SAMPLED = ["win_rate_vs_sft_greedy", "teacher_score_sampled", "sft_teacher_score_sampled"]  # sweep runs keep these too
 BY_CATEGORY = ["teacher_score_by_category", "correct_by_category", "accuracy_by_category"]
+# the dicts a numbers file may hold that report.json keeps as they are (numbers, or dicts of them)
+NESTED = [*BY_CATEGORY, "flaw_rates", "sft_flaw_rates", "demonstration_flaw_rates", "demonstrators",
+          "demonstration_flaws"]
 
 
 def required(stage: Stage) -> list[str]:
@@ -73,15 +83,15 @@ def read_jsonl_rows(path: Path) -> list[dict]:
 
 
 def _clean(value):
-    """Finite numbers as floats/ints, dicts of them cleaned; NaN/inf -> None; others dropped."""
+    """Finite numbers as floats/ints, dicts of them (and of nulls) cleaned; NaN/inf -> None; others dropped."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items() if isinstance(v, (int, float, dict))}
+    if isinstance(value, dict):  # a null inside stays null (a flaw no answer could show, say)
+        return {str(k): _clean(v) for k, v in value.items() if v is None or isinstance(v, (int, float, dict))}
     return None
 
 
@@ -98,12 +108,16 @@ def stage_entry(run_dir: Path, stage: Stage, timings: dict) -> dict:
         summary = {"pupils": counts.get("pupils"), "heldout_pupils": counts.get("heldout_pupils"),
                    "corpus_documents": counts.get("corpus", {}).get("documents"),
                    "sft_conversations": counts.get("sft", {}).get("conversations"),
-                   "eval_rows": counts.get("eval", {}).get("rows")}
+                   "eval_rows": counts.get("eval", {}).get("rows"),
+                   # the share of SFT answers its demonstrators wrote with a flaw, by whom and which
+                   "demonstration_flaw_share": counts.get("demonstration_flaw_share"),
+                   "demonstrators": counts.get("sft", {}).get("demonstrators"),
+                   "demonstration_flaws": counts.get("sft", {}).get("flaws")}
     entry = {"status": status}
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             entry[key] = _clean(value)
-        elif key in BY_CATEGORY and isinstance(value, dict):
+        elif key in NESTED and isinstance(value, dict):
             entry[key] = _clean(value)
     for key in required(stage):
         entry.setdefault(key, None)
@@ -168,6 +182,65 @@ def side_by_side_answers(run_dir: Path, n: int) -> list[dict]:
     return samples
 
 
+# ---- three examples: SFT's sampled answer where it fails, and what feedback made of it ----------
+
+EXAMPLE_SLOTS = ["refuse", "unknown", None]  # a forbidden request, an honesty question, any other
+
+
+def first_sample(record: dict, key: str) -> tuple[str, float] | None:
+    """(answer, score) of a record's first answer under `key` ("sampled" or "reference_sampled",
+    each [[answer, score], ...]), or None where there is none."""
+    samples = record.get(key)
+    first = samples[0] if isinstance(samples, list) and samples else None
+    if not (isinstance(first, list) and len(first) >= 2 and isinstance(first[0], str)
+            and isinstance(first[1], (int, float)) and not isinstance(first[1], bool)):
+        return None
+    return first[0], float(first[1])
+
+
+def pick_examples(records: list[dict], n: int) -> list[dict]:
+    """n records whose SFT sampled answer ("reference_sampled") scores lowest: one of each slot of
+    EXAMPLE_SLOTS in turn (None: a category other than the slots'), then the lowest of those left.
+    Equal scores go to a fact question first (the third slot's "e.g."), then to the earlier record."""
+    pool = [(i, r) for i, r in enumerate(records) if r.get("prompt") and first_sample(r, "reference_sampled")]
+
+    def order(item):
+        i, r = item
+        return first_sample(r, "reference_sampled")[1], not str(r.get("category")).startswith("fact_"), i
+
+    chosen: list[int] = []
+    for slot in EXAMPLE_SLOTS[:n]:
+        fits = [item for item in pool if item[0] not in chosen and
+                (item[1].get("category") == slot if slot else item[1].get("category") not in EXAMPLE_SLOTS)]
+        if fits:
+            chosen.append(min(fits, key=order)[0])
+    chosen += [i for i, _ in sorted(pool, key=order) if i not in chosen][:n - len(chosen)]
+    return [records[i] for i in chosen]
+
+
+def feedback_examples(run_dir: Path, n: int = 3) -> list[dict]:
+    """[{prompt, category, sft: {answer, score}, answers: {stage: {answer, score} | None}}] for n
+    eval prompts (pick_examples) where SFT's sampled answer scores lowest, with each finished policy
+    stage's sampled answer to the same prompt (matched by prompt). SFT's answers are those the first
+    policy stage with any judged (each stage samples the SFT model with the same seed); [] when no
+    policy stage ran."""
+    records = {s: read_jsonl_rows(BY_NAME[s].directory(run_dir) / "eval_answers.jsonl")
+               for s in names("policy") if BY_NAME[s].done(run_dir)}
+    records = {s: rows for s, rows in records.items() if rows}
+    source = next((rows for rows in records.values() if any(first_sample(r, "reference_sampled") for r in rows)), [])
+    examples = []
+    for record in pick_examples(source, n):
+        answer, score = first_sample(record, "reference_sampled")
+        example = {"prompt": record["prompt"], "category": record.get("category"),
+                   "sft": {"answer": answer, "score": score}, "answers": {}}
+        for stage, rows in records.items():
+            found = next((r for r in rows if prompt_key(r.get("prompt")) == prompt_key(record["prompt"])), None)
+            sample = first_sample(found, "sampled") if found else None
+            example["answers"][stage] = {"answer": sample[0], "score": sample[1]} if sample else None
+        examples.append(example)
+    return examples
+
+
 # ---- the figures, together -----------------------------------------------------------------
 
 def frontier_points(report: dict) -> list[dict]:
@@ -203,7 +276,7 @@ def read_timings(run_dir: Path) -> dict[str, float]:
 
 def collect(run_dir: Path, *, created: str) -> dict:
     """report.json's figures but the plots and the side-by-side answers: the stages, their times,
-    the machine, the sweep and the frontier's points."""
+    the machine, the sweep, the frontier's points and three examples of what feedback changed."""
     timings = read_timings(run_dir)
     stages = {s.name: stage_entry(run_dir, s, timings) for s in STAGES}
     seconds = dict(timings)
@@ -224,4 +297,5 @@ def collect(run_dir: Path, *, created: str) -> dict:
         "sweep": sweep_entries(run_dir),
     }
     report["frontier"] = frontier_points(report)
+    report["examples"] = feedback_examples(run_dir)
     return report

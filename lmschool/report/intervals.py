@@ -1,7 +1,8 @@
 """95% intervals beside the report's rates: how much of a figure is the evaluation's luck.
 
 A rate over n answers (facts right over the questions asked, refusals over the forbidden
-requests, reward-model accuracy over held-out pairs) gets the Wilson score interval; a win rate
+requests, reward-model accuracy over held-out pairs, flawed answers over the answers sampled,
+invented answers over the honesty questions) gets the Wilson score interval; a win rate
 with ties counted half gets a normal interval over its per-prompt outcomes (1, 1/2, 0). Each is
 written beside its figure in report.json as `<key>_interval95: [low, high]`, computed from the
 counts the stage wrote in its summary (RATE_COUNTS names which count a rate is over).
@@ -15,7 +16,13 @@ import math
 RATE_COUNTS = {"correct_heldout_pupils": "heldout_pupil_rows", "correct_train_pupils": "train_pupil_rows",
                "correct_arithmetic": "arithmetic_rows", "end_of_turn_rate": "eval_rows",
                "refusal_correct": "refuse_rows", "fact_correct": "fact_rows",
-               "accuracy_noise_free": "noise_free_pairs"}
+               "accuracy_noise_free": "noise_free_pairs",
+               # the rater on the same held-out pairs as the reward model's accuracy_noise_free
+               "rater_agreement_noise_free": "noise_free_pairs",
+               # the conduct of sampled answers (issue 15): over all of them, over the honesty questions'
+               "flaw_rate": "conduct_rows", "hallucination_rate": "unknown_rows",
+               # ... and of the SFT reference's, judged by a policy stage
+               "sft_flaw_rate": "sft_conduct_rows", "sft_hallucination_rate": "sft_unknown_rows"}
 Z95 = 1.959964
 
 
