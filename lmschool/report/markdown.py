@@ -37,6 +37,15 @@ MEASURES = {
     "kl_from_sft": ("KL from SFT (nats/answer)", "nats"),
     "rm_reward": ("reward-model reward", "num"),
     "rater_agreement": ("rater agreement with the noise-free teacher", "rate"),
+    "rater_agreement_noise_free": ("rater agreement with the noise-free labels, the same held-out pairs", "rate"),
+    "flaw_rate": ("sampled answers with a demonstrator's flaw", "rate"),
+    "hallucination_rate": ("honesty questions answered with an invention, sampled", "rate"),
+    "behaviour_score": ("behaviour score of sampled answers (rubric but correctness, 0-1)", "score"),
+    "sft_flaw_rate": ("SFT's sampled answers with a demonstrator's flaw", "rate"),
+    "sft_hallucination_rate": ("SFT's inventions on honesty questions, sampled", "rate"),
+    "sft_behaviour_score": ("SFT's behaviour score, sampled", "score"),
+    "demonstration_flaw_share": ("SFT training answers with a demonstrator's flaw", "rate"),
+    "demonstration_behaviour_score": ("behaviour score of the SFT training answers", "score"),
     "ties_dropped": ("ties dropped", "int"),
     "pairs": ("pairs", "int"),
     "steps": ("optimizer steps", "int"),
@@ -49,10 +58,13 @@ TABLE_ROWS = {
     "pretrain": ["val_loss", "val_bpb", "val_perplexity", "fact_completion", "fact_completion_seen",
                  "fact_completion_heldout", "params", "steps", "tokens_seen", "seconds"],
     "sft": ["teacher_score", "correct", "correct_train_pupils", "correct_heldout_pupils", "fact_correct",
-            "correct_arithmetic", "refusal_correct", "end_of_turn_rate", "val_loss", "steps", "epochs", "seconds"],
-    "reward": ["accuracy_noise_free", "accuracy_rater", "teacher_rank_correlation", "reward_bias", "steps",
-               "seconds"],
+            "correct_arithmetic", "refusal_correct", "end_of_turn_rate", "teacher_score_sampled", "flaw_rate",
+            "hallucination_rate", "behaviour_score", "demonstration_flaw_share", "demonstration_behaviour_score",
+            "val_loss", "steps", "epochs", "seconds"],
+    "reward": ["accuracy_noise_free", "accuracy_rater", "rater_agreement_noise_free", "teacher_rank_correlation",
+               "reward_bias", "steps", "seconds"],
     "policy": ["teacher_score", "win_rate_vs_sft", "win_rate_vs_sft_greedy", "teacher_score_sampled",
+               "flaw_rate", "hallucination_rate", "behaviour_score",
                "refusal_correct", "fact_correct", "correct_heldout_pupils", "correct_arithmetic", "end_of_turn_rate",
                "kl_from_sft", "rm_reward", "seconds"],
 }
@@ -112,11 +124,14 @@ def _status_line(entry: dict) -> str | None:
     return {"not run": "_not run_", "unfinished": "_started, not finished (no summary)_"}.get(entry["status"])
 
 
-def _by_category_table(entries: dict[str, dict], key: str, kind: str) -> list[str]:
-    cats = sorted({c for e in entries.values() for c in (e.get(key) or {})})
+def _by_category_table(entries: dict[str, dict], key: str, kind: str, first: str = "category",
+                       sort: bool = True) -> list[str]:
+    """A row per category (sorted, or in the order the entries name them), a column per stage."""
+    cats = list(dict.fromkeys(c for e in entries.values() for c in (e.get(key) or {})))
+    cats = sorted(cats) if sort else cats
     if not cats:
         return []
-    return table(["category", *(TITLES[s] for s in entries)],
+    return table([first, *(TITLES[s] for s in entries)],
                   [[c, *(fmt((e.get(key) or {}).get(c), kind) for e in entries.values())] for c in cats])
 
 
@@ -130,6 +145,77 @@ def _reward_category_table(by_category: dict) -> list[str]:
                        for c, v in sorted(by_category.items())]) + [""]
     return table(["category", "accuracy"], [[c, fmt(v if not isinstance(v, dict) else None, "rate")]
                                             for c, v in sorted(by_category.items())]) + [""]
+
+
+LESSON_COLUMNS = ["stage", "facts right", "ends its turn", "refusals with a fitting reason", "answers with a flaw",
+                  "hallucinations", "behaviour score", "win rate vs SFT"]
+
+
+def lesson_rows(stages: dict[str, dict]) -> list[list[str]]:
+    """The rows of "What each stage taught": pre-training, SFT and each feedback method that ran.
+    SFT's flaws and behaviour stand beside its demonstrations' (in parentheses): what it imitated."""
+    def done(name):
+        return stages.get(name, {}).get("status") == "done"
+
+    rows = []
+    if done("pretrain"):
+        rows.append([TITLES["pretrain"], fmt(stages["pretrain"].get("fact_completion"), "rate"), *["—"] * 6])
+    if done("sft"):
+        sft = stages["sft"]
+        shown = sft.get("demonstration_flaw_share")
+        if shown is None:  # the world's count of flawed demonstrations, where SFT did not judge its data
+            shown = stages.get("world", {}).get("demonstration_flaw_share")
+        taught = sft.get("demonstration_behaviour_score")
+        rows.append([TITLES["sft"], fmt(sft.get("fact_correct"), "rate"), fmt(sft.get("end_of_turn_rate"), "rate"),
+                     fmt(sft.get("refusal_correct"), "rate"),
+                     fmt(sft.get("flaw_rate"), "rate") + (f" (demonstrations {fmt(shown, 'rate')})" if shown is not None else ""),
+                     fmt(sft.get("hallucination_rate"), "rate"),
+                     fmt(sft.get("behaviour_score"), "score") + (f" (demonstrations {fmt(taught, 'score')})"
+                                                                 if taught is not None else ""),
+                     "—"])
+    for name in names("policy"):
+        if done(name):
+            e = stages[name]
+            rows.append([TITLES[name], fmt(e.get("fact_correct"), "rate"), fmt(e.get("end_of_turn_rate"), "rate"),
+                         fmt(e.get("refusal_correct"), "rate"), fmt(e.get("flaw_rate"), "rate"),
+                         fmt(e.get("hallucination_rate"), "rate"), fmt(e.get("behaviour_score"), "score"),
+                         with_interval(e, "win_rate_vs_sft", "rate")])
+    return rows
+
+
+def lessons_section(report: dict) -> list[str]:
+    """## What each stage taught: one row per stage that ran, and what the columns mean; [] for none."""
+    rows = lesson_rows(report["stages"])
+    if not rows:
+        return []
+    return ["## What each stage taught", "", *table(LESSON_COLUMNS, rows), "",
+            "Facts right and refusals are judged on greedy answers (for pre-training, facts right is the share "
+            "of fact sentences it completes with the right value). Flaws, hallucinations and the behaviour score "
+            "are judged on answers sampled at temperature 1: the share with any demonstrator's flaw (padded, curt, "
+            "discourteous, unsafe, unreasoned, invented), the share of honesty questions (about pupils or facts "
+            "the world does not hold) answered with an invention instead of \"I don't know\", and the mean of "
+            "the rubric's parts other than correctness (0-1). Beside SFT's, in parentheses, its training "
+            "answers' own: what it was taught to imitate. Win rate vs SFT: how often a method's sampled answer "
+            "beats SFT's on the same prompt (ties half), with its 95% interval.", ""]
+
+
+def examples_section(report: dict) -> list[str]:
+    """## Three examples: SFT's weakest sampled answers beside each method's; [] when no policy ran."""
+    examples = report.get("examples") or []
+    if not examples:
+        return []
+    lines = ["## Three examples" if len(examples) == 3 else "## Examples", "",
+             "Eval prompts where SFT's answer sampled at temperature 1 scored lowest (a forbidden request, an "
+             "honesty question, one other), and each feedback method's sampled answer to the same prompt, with "
+             "the teacher's score (0-1).", ""]
+    for i, example in enumerate(examples, 1):
+        question = " / ".join(m["content"] for m in example["prompt"] if m.get("role") == "user")
+        rows = [[TITLES["sft"], _cell(example["sft"]["answer"]), fmt(example["sft"]["score"], "score")]]
+        rows += [[TITLES[s], _cell(a["answer"] if a else None), fmt(a["score"] if a else None, "score")]
+                 for s, a in example["answers"].items()]
+        lines += [f"**{i}. {_cell(question)}** ({example['category']})", "",
+                  *table(["model", "sampled answer", "score"], rows), ""]
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -148,6 +234,7 @@ def render_markdown(report: dict) -> str:
              f"Wall time in all: **{fmt(report['seconds_total'], 'seconds')}** on {report['machine']['cpu']} "
              f"({report['machine']['cores']} cores, {report['machine']['device']}); report written "
              f"{report['created']}.", ""]
+    lines += lessons_section(report) + examples_section(report)
 
     lines += ["## Stage 1: pre-training", ""]
     lines += [_status_line(st["pretrain"]), ""] if _status_line(st["pretrain"]) else \
@@ -186,6 +273,8 @@ def render_markdown(report: dict) -> str:
     if len(ran) > ("sft" in ran):
         lines += table(["measure", *(TITLES[s] for s in ran)], _measure_rows(ran, TABLE_ROWS["policy"])) + [""]
         lines += ["Teacher score by category:", ""] + _by_category_table(ran, "teacher_score_by_category", "score") + [""]
+        flaws = _by_category_table(ran, "flaw_rates", "rate", first="flaw", sort=False)  # the teacher's order
+        lines += (["Sampled answers with each demonstrator's flaw:", ""] + flaws + [""]) if flaws else []
     if not_ran:
         lines += [f"Not in the table: {', '.join(not_ran)}.", ""]
     if report.get("sweep"):
