@@ -61,11 +61,12 @@ def write_jsonl(path, rows, torn_tail=""):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + torn_tail)
 
 
-def policy_summary(score, win, refusal, fact, kl, rm=None, seconds=10.0):
+def policy_summary(score, win, refusal, fact, kl, rm=None, seconds=10.0, **conduct):
     by_cat = {"arithmetic": score - 0.1, "fact_town": score, "refuse": score + 0.05}
     return {"teacher_score": score, "teacher_score_by_category": by_cat, "win_rate_vs_sft": win,
             "refusal_correct": refusal, "fact_correct": fact, "kl_from_sft": kl, "rm_reward": rm,
-            "correct_heldout_pupils": 0.3, "correct_arithmetic": 0.4, "end_of_turn_rate": 1.0, "seconds": seconds}
+            "correct_heldout_pupils": 0.3, "correct_arithmetic": 0.4, "end_of_turn_rate": 1.0, "seconds": seconds,
+            **conduct}
 
 
 def answers(tag):
@@ -80,7 +81,7 @@ def run_dir(tmp_path_factory):
     write_json(d / "timings.json", {"world": 1.0, "pretrain": 100.0, "sft": 200.0, "reward": 50.0,
                                     "dpo": 60.0, "ppo": 300.0, "sweep/dpo-beta0.3": 40.0})
     write_json(d / "world" / "world.json", {"preset": "tiny", "summary": {"pupils": 12, "heldout_pupils": 3,
-               "corpus": {"documents": 50}, "sft": {"conversations": 40}, "eval": {"rows": 5}}})
+               "demonstration_flaw_share": 0.28, "corpus": {"documents": 50}, "sft": {"conversations": 40}, "eval": {"rows": 5}}})
     write_jsonl(d / "world" / "eval.jsonl", [{"prompt": p, "category": c, "heldout": h} for p, c, h in PROMPTS])
     tok = train_tokenizer([], byte_level=True)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -96,19 +97,25 @@ def run_dir(tmp_path_factory):
         "teacher_score": 0.75, "teacher_score_by_category": {"arithmetic": 0.6, "fact_town": 0.8, "refuse": 0.7},
         "correct_by_category": {"arithmetic": 0.4, "fact_town": 0.5}, "correct_heldout_pupils": 0.31,
         "correct_train_pupils": 0.93, "correct_arithmetic": 0.4, "fact_correct": 0.50, "refusal_correct": 0.8,
-        "end_of_turn_rate": 0.99, "val_loss": float("nan"), "seconds": 190.0})
+        "end_of_turn_rate": 0.99, "val_loss": float("nan"), "seconds": 190.0, "flaw_rate": 0.24,
+        "demonstration_behaviour_score": 0.85})
     write_jsonl(d / "sft" / "metrics.jsonl", [{"step": s, "loss": 2.0 - s / 20} for s in range(1, 21)])
     write_jsonl(d / "sft" / "eval_answers.jsonl", answers("sft"))
     write_json(d / "reward" / "summary.json", {"accuracy_noise_free": 0.9, "accuracy_rater": 0.74,
+                                               "rater_agreement_noise_free": 0.9,
                                                "teacher_rank_correlation": 0.65, "reward_bias": -0.3,
                                                "accuracy_by_category": {"refuse": {"pairs": 20, "rater": 0.7,
                                                                                    "noise_free": 0.95}},
                                                "seconds": 49.0})
     write_jsonl(d / "reward" / "metrics.jsonl", [{"step": s, "loss": 0.7 - s / 100} for s in range(1, 11)])
-    write_json(d / "dpo" / "summary.json", policy_summary(0.80, 0.70, 0.95, 0.47, 3.5, seconds=59.0))
+    write_json(d / "dpo" / "summary.json", policy_summary(0.80, 0.70, 0.95, 0.47, 3.5, seconds=59.0,
+                                                            wins=6, ties=2, losses=2, flaw_rate=0.08,
+                                                            hallucination_rate=0.10, behaviour_score=0.85))
     write_jsonl(d / "dpo" / "metrics.jsonl", [{"step": s, "loss": 0.69 - s / 50} for s in range(1, 11)])
     write_jsonl(d / "dpo" / "eval_answers.jsonl", answers("dpo")[::-1])  # other order: matched by prompt
-    write_json(d / "ppo" / "summary.json", policy_summary(0.78, 0.66, 0.90, 0.49, 1.5, rm=0.4))
+    write_json(d / "ppo" / "summary.json", policy_summary(0.78, 0.66, 0.90, 0.49, 1.5, rm=0.4, wins=80, ties=0,
+                                                            losses=20, flaw_rate=0.09, hallucination_rate=0.11,
+                                                            behaviour_score=0.84))
     write_jsonl(d / "ppo" / "metrics.jsonl",
                 [{"step": i, "reward": 0.1 * i, "teacher_score": 0.7 + 0.01 * i, "kl": 0.2 * i,
                   "entropy": 1.0, "pg_loss": -0.01 * i} for i in range(1, 6)])
@@ -164,39 +171,123 @@ def test_missing_stages_are_not_run_and_say_so(run_dir):
     assert "| refuse | 20 | 70.0% | 95.0% |" in md  # the reward model's accuracy by category
 
 
+ISSUE_15_BARS = [
+    "run.seconds_total", "world.demonstration_flaw_share", "sft.correct_heldout_pupils", "sft.correct_train_pupils",
+    "sft.end_of_turn_rate",
+    *(f"{m}.{bar}" for m in ("dpo", "ppo") for bar in (
+        "win_rate_vs_sft", "win_rate_vs_sft_interval95.low", "refusal_correct", "hallucination_rate",
+        "flaw_rate vs sft.flaw_rate", "fact_correct vs sft.fact_correct",
+        "behaviour_score vs sft.demonstration_behaviour_score")),
+    "best.win_rate_vs_sft", "reward.accuracy_noise_free",
+    "reward.accuracy_noise_free vs reward.rater_agreement_noise_free"]
+
+
+def test_the_bars_are_issue_15s():
+    """The list of issue 15 (and issue 8's wall time); the old sums and rank-correlation bars are gone."""
+    assert [b.name for b in bars_py.BARS] == ISSUE_15_BARS
+    assert {b.issue for b in bars_py.BARS if b.name != "run.seconds_total"} == {15}
+    assert bars_py.BARS_BY_NAME["best.win_rate_vs_sft"].best_of == ("dpo", "ipo", "simpo", "ppo", "grpo")
+
+
 def test_bars_are_computed_from_the_numbers(run_dir):
     """By hand, from the fixture's numbers:
-    dpo.win_rate_vs_sft 0.70 >= 0.65                         -> met
-    dpo.teacher_score 0.80 > sft's 0.75                      -> met
-    dpo.fact_correct 0.47 >= sft's 0.50 - 0.02 = 0.48        -> not met
-    ppo.fact_correct 0.49 >= 0.48                            -> met
-    ppo.refusal_correct 0.90 >= 0.90 (equal)                 -> met
-    sft.correct_heldout_pupils 0.31 >= 0.70                  -> not met
-    reward.teacher_rank_correlation 0.65 >= 0.70             -> not met
-    run.seconds_total 711 <= 900                             -> met"""
+    world.demonstration_flaw_share 0.28 in [0.15, 0.35]                     -> met
+    sft.correct_heldout_pupils 0.31 >= 0.70                                  -> not met
+    dpo.win_rate_vs_sft 0.70 >= 0.60                                         -> met
+    dpo's interval from 6 wins, 2 ties, 2 losses: low 0.452082 > 0.55        -> not met
+    ppo's from 80, 0, 20: mean 0.8, var 0.16, half 1.959964 * 0.04, low 0.721601 > 0.55 -> met
+    dpo.flaw_rate 0.08 <= sft's 0.24 / 3 (= 0.07999999999999999 in floats)  -> met (the edge)
+    ppo.flaw_rate 0.09 <= 0.08                                               -> not met
+    dpo.hallucination_rate 0.10 <= 0.10, ppo's 0.11                          -> met, not met
+    dpo.fact_correct 0.47 >= sft's 0.50 - 0.02 = 0.48                        -> not met
+    ppo.fact_correct 0.49 >= 0.48                                            -> met
+    dpo.behaviour_score 0.85 >= SFT's demonstrations' 0.85, ppo's 0.84       -> met, not met
+    ppo.refusal_correct 0.90 >= 0.90 (equal)                                 -> met
+    best: DPO's 0.70 (PPO 0.66; IPO, SimPO, GRPO did not run) >= 0.65        -> met
+    reward.accuracy_noise_free 0.9 >= 0.80                                   -> met
+    reward.accuracy_noise_free 0.9 > the rater's 0.9 (equal)                 -> not met
+    run.seconds_total 711 <= 900                                             -> met"""
     _, report, *_ = run_dir
     bars = bars_py.check_bars(report)
-    expected = {"dpo.win_rate_vs_sft": True, "dpo.teacher_score": True, "dpo.fact_correct": False,
-                "ppo.fact_correct": True, "ppo.refusal_correct": True, "sft.correct_heldout_pupils": False,
-                "reward.teacher_rank_correlation": False, "run.seconds_total": True}
+    expected = {"world.demonstration_flaw_share": True, "sft.correct_heldout_pupils": False,
+                "dpo.win_rate_vs_sft": True, "dpo.win_rate_vs_sft_interval95.low": False,
+                "ppo.win_rate_vs_sft_interval95.low": True,
+                "dpo.flaw_rate vs sft.flaw_rate": True, "ppo.flaw_rate vs sft.flaw_rate": False,
+                "dpo.hallucination_rate": True, "ppo.hallucination_rate": False,
+                "dpo.fact_correct vs sft.fact_correct": False, "ppo.fact_correct vs sft.fact_correct": True,
+                "dpo.behaviour_score vs sft.demonstration_behaviour_score": True,
+                "ppo.behaviour_score vs sft.demonstration_behaviour_score": False,
+                "ppo.refusal_correct": True, "best.win_rate_vs_sft": True, "reward.accuracy_noise_free": True,
+                "reward.accuracy_noise_free vs reward.rater_agreement_noise_free": False, "run.seconds_total": True}
     assert {k: bars[k]["met"] for k in expected} == expected
-    assert bars["dpo.fact_correct"]["threshold"] == pytest.approx(0.48)
-    assert bars["dpo.teacher_score"]["threshold"] == 0.75 and bars["dpo.win_rate_vs_sft"]["value"] == 0.70
+    assert list(bars) == ISSUE_15_BARS
+    assert bars["dpo.win_rate_vs_sft_interval95.low"]["value"] == pytest.approx(0.452082, abs=1e-6)
+    assert bars["ppo.win_rate_vs_sft_interval95.low"]["value"] == pytest.approx(0.721601, abs=1e-6)
+    assert bars["dpo.flaw_rate vs sft.flaw_rate"]["threshold"] == pytest.approx(0.08)
+    assert bars["dpo.fact_correct vs sft.fact_correct"]["threshold"] == pytest.approx(0.48)
+    assert bars["best.win_rate_vs_sft"]["value"] == 0.70 and bars["best.win_rate_vs_sft"]["best_stage"] == "dpo"
     # the same bar without its stage: not met, value null
-    partial = {"stages": {"sft": {"teacher_score": 0.75, "fact_correct": 0.5}}, "seconds_total": 10.0}
-    assert bars_py.check_bars(partial)["dpo.teacher_score"] == {**bars_py.check_bars(partial)["dpo.teacher_score"],
-                                                         "value": None, "met": False}
-    # exactly 2 points below SFT is allowed, though 0.20 - 0.02 = 0.18000000000000002 in floats
-    edge = {"stages": {"sft": {"fact_correct": 0.20}, "dpo": {"fact_correct": 0.18}}, "seconds_total": 900.0}
-    assert bars_py.check_bars(edge)["dpo.fact_correct"]["met"] and bars_py.check_bars(edge)["run.seconds_total"]["met"]
-    edge["stages"]["dpo"]["fact_correct"] = 0.179
-    assert not bars_py.check_bars(edge)["dpo.fact_correct"]["met"]
+    partial = {"stages": {"sft": {"flaw_rate": 0.3, "fact_correct": 0.5}}, "seconds_total": 10.0}
+    flaw = bars_py.check_bars(partial)["dpo.flaw_rate vs sft.flaw_rate"]
+    assert flaw["value"] is None and not flaw["met"] and flaw["threshold"] == pytest.approx(0.1)
     md = bars_py.render(report)
     row = next(line for line in md.splitlines() if "DPO: facts right, all pupils" in line)
-    assert "47.0%" in row and "48.0%" in row and row.endswith("| not met |")
-    row = next(line for line in md.splitlines() if "DPO: win rate" in line)
-    assert row.endswith("| **met** |")
+    assert "47.0%" in row and ">= 48.0% (sft.fact_correct -2 points)" in row and row.endswith("| not met |")
+    row = next(line for line in md.splitlines() if "DPO: sampled answers with a demonstrator's flaw" in line)
+    assert "<= 8.0% (sft.flaw_rate / 3)" in row and row.endswith("| **met** |")
+    row = next(line for line in md.splitlines() if line.startswith("| best feedback method:"))
+    assert "| 70.0% (DPO) |" in row and row.endswith("| **met** |")
+    row = next(line for line in md.splitlines() if "lower end of its 95% interval" in line and "PPO" in line)
+    assert "| > 55.0% |" in row and row.endswith("| **met** |")
+    assert "| in 15.0% - 35.0% | **met** |" in md
     assert "## Bars" not in (run_dir[0] / "report.md").read_text()
+
+
+def test_bars_at_their_edges():
+    """Each kind of bar met and not met at its edge, on hand-made reports."""
+    def check(name, **stages):
+        return bars_py.check_bars({"stages": stages, "seconds_total": 900.0})[name]
+
+    share = "world.demonstration_flaw_share"
+    assert [check(share, world={"demonstration_flaw_share": v})["met"] for v in (0.15, 0.35, 0.1499, 0.3501)] == \
+        [True, True, False, False]
+    assert not check(share, world={})["met"]
+    # float noise at either end must not flip it: 0.01 + 0.34 = 0.35000000000000003, 0.29 - 0.14 = 0.14999999999999997
+    assert check(share, world={"demonstration_flaw_share": 0.01 + 0.34})["met"]
+    assert check(share, world={"demonstration_flaw_share": 0.29 - 0.14})["met"]
+    # a third of SFT's flaw rate: 0.3 / 3 = 0.09999999999999999 in floats; 0.1 meets it, 0.1001 does not
+    flaw = "dpo.flaw_rate vs sft.flaw_rate"
+    assert check(flaw, sft={"flaw_rate": 0.3}, dpo={"flaw_rate": 0.1})["met"]
+    assert not check(flaw, sft={"flaw_rate": 0.3}, dpo={"flaw_rate": 0.1001})["met"]
+    # exactly 2 points below SFT is allowed, though 0.20 - 0.02 = 0.18000000000000002 in floats
+    fact = "dpo.fact_correct vs sft.fact_correct"
+    assert check(fact, sft={"fact_correct": 0.20}, dpo={"fact_correct": 0.18})["met"]
+    assert not check(fact, sft={"fact_correct": 0.20}, dpo={"fact_correct": 0.179})["met"]
+    assert check("run.seconds_total")["met"]
+    # the interval's lower end: 60 wins of 100: mean 0.6, var 0.24, half 1.959964 * 0.0489898 = 0.096018,
+    # low 0.503982 (not > 0.55) though the win rate meets its own bar
+    low = check("dpo.win_rate_vs_sft_interval95.low", dpo={"win_rate_vs_sft": 0.6, "wins": 60, "ties": 0, "losses": 40})
+    assert low["value"] == pytest.approx(0.503982, abs=1e-6) and not low["met"]
+    assert check("dpo.win_rate_vs_sft", dpo={"win_rate_vs_sft": 0.6})["met"]
+    assert not check("dpo.win_rate_vs_sft", dpo={"win_rate_vs_sft": 0.5999})["met"]
+    assert check("dpo.win_rate_vs_sft_interval95.low", dpo={"win_rate_vs_sft": 0.6})["value"] is None  # no counts
+    # the best of the stages that ran: IPO's 0.65 (the first of equals), then nothing over 0.65
+    best = "best.win_rate_vs_sft"
+    got = check(best, dpo={"win_rate_vs_sft": 0.6}, ipo={"win_rate_vs_sft": 0.65}, grpo={"win_rate_vs_sft": 0.65},
+                ppo={"win_rate_vs_sft": None})
+    assert (got["value"], got["best_stage"], got["met"]) == (0.65, "ipo", True)
+    got = check(best, dpo={"win_rate_vs_sft": 0.6}, grpo={"win_rate_vs_sft": 0.6499})
+    assert (got["best_stage"], got["met"]) == ("grpo", False)
+    assert check(best)["value"] is None and not check(best)["met"]
+    # the reward model above its raters: strictly
+    above = "reward.accuracy_noise_free vs reward.rater_agreement_noise_free"
+    assert check(above, reward={"accuracy_noise_free": 0.8, "rater_agreement_noise_free": 0.79})["met"]
+    assert not check(above, reward={"accuracy_noise_free": 0.8, "rater_agreement_noise_free": 0.8})["met"]
+    assert check("reward.accuracy_noise_free", reward={"accuracy_noise_free": 0.8})["met"]
+    assert not check("reward.accuracy_noise_free", reward={"accuracy_noise_free": 0.7999})["met"]
+    behaviour = "dpo.behaviour_score vs sft.demonstration_behaviour_score"
+    assert bars_py.threshold_text(bars_py.BARS_BY_NAME[behaviour], 0.85, "score") == \
+        ">= 0.850 (sft.demonstration_behaviour_score)"
 
 
 def test_intervals_by_hand():
@@ -216,7 +307,8 @@ def test_intervals_by_hand():
     assert intervals.interval95({"refusal_correct": 0.9}, "refusal_correct") is None
     bars = bars_py.check_bars({"stages": {"dpo": {"refusal_correct": 0.9, "refuse_rows": 20}}, "seconds_total": 1.0})
     assert bars["dpo.refusal_correct"]["interval95"] == pytest.approx([0.69897, 0.97214], abs=1e-5)
-    assert bars["dpo.teacher_score"]["interval95"] is None and bars["run.seconds_total"]["interval95"] is None
+    assert bars["dpo.behaviour_score vs sft.demonstration_behaviour_score"]["interval95"] is None
+    assert bars["run.seconds_total"]["interval95"] is None
     # the report writes them beside the figures: report.json and the tables of report.md
     entry = intervals.add_intervals({"refusal_correct": 0.9, "refuse_rows": 20, "teacher_score": 0.5})
     assert entry["refusal_correct_interval95"] == pytest.approx([0.69897, 0.97214], abs=1e-5)
