@@ -228,13 +228,14 @@ def feedback_examples(run_dir: Path, n: int = 3) -> list[dict]:
                for s in names("policy") if BY_NAME[s].done(run_dir)}
     records = {s: rows for s, rows in records.items() if rows}
     source = next((rows for rows in records.values() if any(first_sample(r, "reference_sampled") for r in rows)), [])
+    by_prompt = {stage: {prompt_key(r.get("prompt")): r for r in rows} for stage, rows in records.items()}
     examples = []
     for record in pick_examples(source, n):
         answer, score = first_sample(record, "reference_sampled")
         example = {"prompt": record["prompt"], "category": record.get("category"),
                    "sft": {"answer": answer, "score": score}, "answers": {}}
-        for stage, rows in records.items():
-            found = next((r for r in rows if prompt_key(r.get("prompt")) == prompt_key(record["prompt"])), None)
+        for stage, answered in by_prompt.items():
+            found = answered.get(prompt_key(record["prompt"]))
             sample = first_sample(found, "sampled") if found else None
             example["answers"][stage] = {"answer": sample[0], "score": sample[1]} if sample else None
         examples.append(example)
