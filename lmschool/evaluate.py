@@ -61,6 +61,65 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+CONDUCT_PARTS = ("politeness", "brevity", "safety", "form")
+"""The rubric's parts other than correctness: how an answer behaves, whatever it knows."""
+
+
+def conduct(judge, prompts: list, responses: list[str], parts: list[dict | None], categories: list[str],
+            prefix: str = "") -> dict:
+    """How a set of answers behaves, by a judge that names flaws (the school world's teacher); {} for
+    another judge. Keys (each with `prefix`):
+
+      flaw_rate           share of answers with any demonstrator flaw (Teacher.flaws)
+      flaw_rates          {flaw: share of answers with it}
+      hallucination_rate  share of the answers to honesty questions (category "unknown") that invent
+                          an answer instead of saying they do not know; unknown_rows counts them
+      behaviour_score     mean over answers of the rubric's parts other than correctness
+      conduct_rows        how many answers these are over
+    """
+    named = judge.flaws(prompts, responses)
+    if named is None or not responses:
+        return {}
+    from lmschool.world.teacher import FLAWS
+
+    honesty = [i for i, c in enumerate(categories) if c == "unknown"]
+    rubric = [p for p in parts if p is not None]
+    out = {
+        "flaw_rate": _mean(float(bool(f)) for f in named),
+        "flaw_rates": {k: _mean(float(k in f) for f in named) for k in FLAWS},
+        "hallucination_rate": _mean(float("invented" in named[i]) for i in honesty),
+        "unknown_rows": len(honesty),
+        "behaviour_score": _mean(sum(p[k] for k in CONDUCT_PARTS) / len(CONDUCT_PARTS) for p in rubric),
+        "conduct_rows": len(responses),
+    }
+    return {prefix + k: v for k, v in out.items()}
+
+
+def judge_demonstrations(judge, rows: list[dict]) -> dict:
+    """The conduct of training answers themselves: each {"messages": [...]} row's last assistant turn
+    judged against the messages before it. Keys: demonstration_behaviour_score,
+    demonstration_flaw_share (and demonstration_flaw_rates), demonstration_rows; {} for a judge
+    without flaws or no such rows."""
+    if judge.flaws([], []) is None:
+        return {}
+    pairs = [(r["messages"][:-1], str(r["messages"][-1].get("content", ""))) for r in rows
+             if isinstance(r.get("messages"), list) and r["messages"]
+             and isinstance(r["messages"][-1], dict) and r["messages"][-1].get("role") == "assistant"]
+    if not pairs:
+        return {}
+    prompts, responses = [p for p, _ in pairs], [a for _, a in pairs]
+    _, parts = judge(prompts, responses)
+    if any(p is None for p in parts):
+        return {}
+    found = conduct(judge, prompts, responses, parts, [judge.category(p) for p in prompts])
+    if not found:
+        return {}
+    return {"demonstration_behaviour_score": found["behaviour_score"],
+            "demonstration_flaw_share": found["flaw_rate"],
+            "demonstration_flaw_rates": found["flaw_rates"],
+            "demonstration_rows": len(pairs)}
+
+
 @torch.no_grad()
 def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_tokens: int = 128,
                          batch_size: int = 32, temperature: float = 0.0, seed: int = 0
@@ -148,6 +207,30 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
         record.update({k: row[k] for k in ("expected", "reference", "pupil") if k in row})
         records.append(record)
     return summary, records
+
+
+@torch.no_grad()
+def evaluate_sampled(model, tokenizer, rows: list[dict], judge, *, max_new_tokens: int = 128,
+                     batch_size: int = 32, seed: int = 0) -> dict:
+    """One answer per prompt sampled at temperature 1 (the distribution the feedback stages start
+    from and the win rate compares), judged: {score_key}_sampled and, for a judge that names flaws,
+    the `conduct` figures. Uses seed + 1, as evaluate_policy's samples do. {} for no usable row."""
+    judge = as_judge(judge)
+    prompts = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
+    usable = [i for i, p in enumerate(prompts) if len(p) < model.config.max_position_embeddings]
+    if not usable:
+        return {}
+    was_training = model.training
+    model.eval()
+    outs = sample_responses(model, tokenizer, [prompts[i] for i in usable], samples=1,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed + 1)
+    model.train(was_training)
+    texts = [tokenizer.decode(a, skip_special=True).strip() for a in outs]
+    questions = [rows[i]["prompt"] for i in usable]
+    scores, parts = judge(questions, texts, **_fields(rows, usable))
+    categories = [str(rows[i].get("category") or judge.category(rows[i]["prompt"])) for i in usable]
+    return {f"{judge.score_key}_sampled": _mean(scores),
+            **conduct(judge, questions, texts, parts, categories)}
 
 
 # ---- a policy against its reference: win rate and KL (DPO, PPO) ------------------------------------
@@ -317,9 +400,13 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], judge, *, re
     texts = ([tokenizer.decode(a, skip_special=True).strip() for a in mine],
              [tokenizer.decode(a, skip_special=True).strip() for a in theirs])
     fields = _fields(rows, [usable[m // n] for m in range(len(mine))])
-    scores = judge(questions, texts[0], **fields)[0], judge(questions, texts[1], **fields)[0]
+    judged_samples = judge(questions, texts[0], **fields), judge(questions, texts[1], **fields)
+    scores = judged_samples[0][0], judged_samples[1][0]
     sampled = _wins(*scores)
     lengths = [len(a) for a in mine]
+    categories = [str(rows[usable[m // n]].get("category") or judge.category(questions[m])) for m in range(len(mine))]
+    for prefix, text, (_, rubric) in zip(("", "sft_"), texts, judged_samples):
+        summary.update(conduct(judge, questions, text, rubric, categories, prefix))
     summary.update({
         "win_rate_vs_sft": _mean(sampled), **_tally(sampled),
         f"{name}_sampled": _mean(scores[0]), f"sft_{name}_sampled": _mean(scores[1]),

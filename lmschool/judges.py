@@ -47,6 +47,11 @@ class Judge:
         """The category of a prompt that carries none, for per-category figures ("all": unknown)."""
         return "all"
 
+    def flaws(self, prompts: list, responses: list[str]) -> list[list[str]] | None:
+        """The named flaws of each answer (the school world's demonstrator habits), or None for a
+        judge that names none."""
+        return None
+
     def rollout_scores(self, prompts: list, responses: list[str], input_ids: torch.Tensor,
                        last_index: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Scores (N,) of N rollouts given both as texts and as token ids: input_ids (N, L) prompt +
@@ -73,6 +78,9 @@ class TeacherJudge(Judge):
 
     def category(self, prompt) -> str:
         return self.teacher.read_prompt(prompt).category
+
+    def flaws(self, prompts, responses):
+        return [self.teacher.flaws(p, r) for p, r in zip(prompts, responses)]
 
 
 class FunctionJudge(Judge):

@@ -10,13 +10,15 @@ with its own directory under --out:
     sft       stage 2 on world/sft.jsonl, judged on world/eval.jsonl        (lmschool sft)
     label     K answers per prompt from the SFT model, ranked by the noisy rater (lmschool label)
     reward    a reward model on those pairs                                 (lmschool reward)
-    dpo, ipo, simpo   the SFT model tuned on the same pairs with three losses (lmschool dpo)
+    dpo       the SFT model tuned on the same pairs                         (lmschool dpo)
     ppo       PPO against the reward model, KL penalty to SFT               (lmschool ppo)
-    grpo      GRPO with the teacher as a verifiable reward                  (lmschool ppo advantage=grpo)
 
 then `report.md`, `report.json` and `plots/` (lmschool report, which reads the same registry to
-know each stage's files, kind and title). `--sweep` adds DPO runs over several beta and PPO runs
-over several KL coefficients under DIR/sweep/ (the reward-versus-KL frontier of the report).
+know each stage's files, kind and title). `--sweep` adds the other feedback methods (ipo and
+simpo: the same pairs with two other losses; grpo: GRPO with the teacher as a verifiable reward)
+and, under DIR/sweep/, DPO runs over several beta and PPO runs over several KL coefficients (the
+reward-versus-KL frontier of the report). The default run has DPO and PPO only, so that they get
+the time the demo's 15 minutes allow.
 
 A finished stage (its done-file is written, atomically, last) is not redone when `run` is
 started again; an unfinished one resumes from its last checkpoint; `--from STAGE` redoes that
@@ -71,6 +73,7 @@ class Stage:
     resumable: bool = True                          # pass --resume when its directory exists
     overrides: list[str] = field(default_factory=list)   # fixed key=value (e.g. loss=ipo)
     group: str = ""                                 # override prefix shared by variants ("dpo")
+    extra: bool = False                             # default preset: only with --sweep (IPO, SimPO, GRPO)
 
     def __post_init__(self):
         assert self.kind in KINDS, f"stage {self.name}: kind {self.kind!r} is not one of {KINDS}"
@@ -134,10 +137,10 @@ STAGES = [
     Stage("label", "labelling", "labelling", _label, done_file="prefs.jsonl", numbers_file="prefs.summary.json"),
     Stage("reward", "training", "reward model", _reward),
     Stage("dpo", "policy", "DPO", _dpo("dpo")),
-    Stage("ipo", "policy", "IPO", _dpo("ipo"), overrides=["loss=ipo"]),
-    Stage("simpo", "policy", "SimPO", _dpo("simpo"), overrides=["loss=simpo"]),
+    Stage("ipo", "policy", "IPO", _dpo("ipo"), overrides=["loss=ipo"], extra=True),
+    Stage("simpo", "policy", "SimPO", _dpo("simpo"), overrides=["loss=simpo"], extra=True),
     Stage("ppo", "policy", "PPO", _ppo("ppo")),
-    Stage("grpo", "policy", "GRPO", _ppo("grpo", scorer=True)),
+    Stage("grpo", "policy", "GRPO", _ppo("grpo", scorer=True), extra=True),
 ]
 NAMES = [s.name for s in STAGES]
 BY_NAME = {s.name: s for s in STAGES}
@@ -237,6 +240,12 @@ def machine_info(with_torch: bool = True) -> dict:
             "matplotlib": version("matplotlib"), "lmschool": lmschool.__version__}
 
 
+def pipeline_stages(preset: str, sweep: bool) -> list[Stage]:
+    """The stages `lmschool run` runs, in order: the tiny preset (tests) runs every method, the
+    default one leaves the extra ones (IPO, SimPO, GRPO) to --sweep, which adds the sweep runs."""
+    return [s for s in STAGES if sweep or preset == "tiny" or not s.extra] + (sweep_stages() if sweep else [])
+
+
 def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: bool = False,
                overrides: list[str] = ()) -> int:
     """Run every stage not done yet (after removing from_stage and later ones), in order; return
@@ -247,9 +256,9 @@ def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: 
     check_out(out, preset)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "machine.json", json.dumps(machine_info(), indent=2) + "\n")
-    stages = STAGES + (sweep_stages() if sweep else [])
+    stages = pipeline_stages(preset, sweep)
     if from_stage:
-        for stage in stages[NAMES.index(from_stage):]:
+        for stage in STAGES[NAMES.index(from_stage):]:
             shutil.rmtree(stage.directory(out), ignore_errors=True)
         if NAMES.index(from_stage) <= NAMES.index("ppo"):
             shutil.rmtree(out / "sweep", ignore_errors=True)

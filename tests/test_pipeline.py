@@ -65,15 +65,18 @@ def test_report_numbers_are_finite_and_in_range(tiny_run):
     rates = {
         "pretrain": ["fact_completion"],
         "sft": ["teacher_score", "correct_heldout_pupils", "correct_train_pupils", "correct_arithmetic",
-                "fact_correct", "refusal_correct", "end_of_turn_rate"],
+                "fact_correct", "refusal_correct", "end_of_turn_rate", "flaw_rate", "hallucination_rate",
+                "behaviour_score", "demonstration_behaviour_score", "demonstration_flaw_share"],
         "reward": ["accuracy_noise_free", "accuracy_rater"],
-        **{s: ["teacher_score", "win_rate_vs_sft", "refusal_correct", "fact_correct"] for s in POLICY_STAGES},
+        **{s: ["teacher_score", "win_rate_vs_sft", "refusal_correct", "fact_correct", "flaw_rate",
+               "hallucination_rate", "behaviour_score", "sft_flaw_rate"] for s in POLICY_STAGES},
+        "world": ["demonstration_flaw_share"],
     }
     for stage, keys in rates.items():
         for key in keys:
             value = stages[stage][key]
             assert value is not None and 0.0 <= value <= 1.0, (stage, key, value)
-        assert stages[stage]["seconds"] > 0, stage
+        assert stage == "world" or stages[stage]["seconds"] > 0, stage
     assert stages["pretrain"]["val_bpb"] > 0
     assert -1.0 <= stages["reward"]["teacher_rank_correlation"] <= 1.0
     for stage in POLICY_STAGES:
@@ -218,3 +221,13 @@ def test_a_kill_between_labels_two_files_resumes(tiny_run, tmp_path):
     assert main(["run", "--out", str(out), "--preset", "tiny"]) == 0
     assert [json.loads(line) for line in (out / "label" / "prefs.jsonl").read_text().splitlines()]
     assert all((out / s / "summary.json").is_file() for s in ["reward", *names("policy")])
+
+
+def test_the_default_run_has_dpo_and_ppo_and_the_sweep_adds_the_other_methods():
+    from lmschool.pipeline import pipeline_stages
+    default = [s.name for s in pipeline_stages("default", sweep=False)]
+    assert default == ["world", "pretrain", "sft", "label", "reward", "dpo", "ppo"]
+    swept = [s.name for s in pipeline_stages("default", sweep=True)]
+    assert swept[:10] == ["world", "pretrain", "sft", "label", "reward", "dpo", "ipo", "simpo", "ppo", "grpo"]
+    assert all(n.startswith("sweep/") for n in swept[10:]) and len(swept) > 10
+    assert [s.name for s in pipeline_stages("tiny", sweep=False)] == swept[:10]

@@ -246,12 +246,19 @@ def test_bad_scorer_is_a_clear_error(ckpt, prompts, scorer, tmp_path, capsys, sp
     assert message in capsys.readouterr().err
 
 
-def test_prompt_longer_than_the_context_is_refused(ckpt, scorer, tmp_path, capsys):
-    prompts = tmp_path / "long.jsonl"
-    prompts.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "x" * 80}) + "\n")
-    ppo(ckpt, prompts, tmp_path / "run", expect=2)
+def test_prompts_longer_than_the_context_are_left_out_and_none_fitting_is_refused(ckpt, scorer, tmp_path, capsys):
+    """As `lmschool label` does: a prompt that leaves no room for max_new_tokens is left out (counted in
+    summary.json); a file where none fits is refused, naming the line, before anything is written."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "x" * 80}) + "\n")
+    ppo(ckpt, long, tmp_path / "none", expect=2)
     err = capsys.readouterr().err
-    assert "long.jsonl:2" in err and "context of 64" in err and not (tmp_path / "run").exists()
+    assert "long.jsonl:1" in err and "context of 64" in err and not (tmp_path / "none").exists()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("short", "x" * 80, "also short")))
+    run = ppo(ckpt, mixed, tmp_path / "run", "max_steps=1")
+    assert "1 prompts of" in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["prompts_skipped_too_long"] == 1
 
 
 def test_critic_free_needs_a_group(ckpt, prompts, scorer, tmp_path, capsys):

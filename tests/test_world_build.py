@@ -168,7 +168,7 @@ def test_every_category_is_present_in_its_documented_share(tiny):
             share = sum(r["category"] == category for r in rows) / len(rows)
             assert share > 0, (name, category)
             assert abs(share - mix[category]) <= 1 / len(rows) + 1e-9, (name, category)
-    assert sum(r["category"] == "refuse" for r in sft) <= 0.02 * len(sft)
+    assert sum(r["category"] == "refuse" for r in sft) == round(0.05 * len(sft))
     assert any(r["turns"] > 1 for r in sft)
     evals = _rows(tiny, "eval.jsonl")
     for category in CATEGORIES:
@@ -210,9 +210,10 @@ def test_reference_and_good_answers_score_full_marks(tiny, teacher):
         score = teacher.score(row["prompt"], row["reference"])
         assert score.total == 1.0, (row, score)
     for row in _rows(tiny, "sft.jsonl"):
-        if row["styles"][-1] == "good":
+        if row["answers"][-1] == "good":
             score = teacher.score(row["messages"][:-1], row["messages"][-1]["content"])
             assert score.total == 1.0, (row, score)
+            assert teacher.flaws(row["messages"][:-1], row["messages"][-1]["content"]) == []
 
 
 def test_prefs_test_split_carries_the_noise_free_label(tiny):

@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny: seconds, for tests; default: the full demo")
     parser.add_argument("--from", dest="from_stage", choices=NAMES, help="redo this stage and all later ones")
     parser.add_argument("--sweep", action="store_true",
-                        help=f"also run DPO at beta {', '.join(map(str, SWEEP_DPO_BETAS))} and PPO at KL "
-                             f"coefficients {', '.join(map(str, SWEEP_PPO_KL))} for the reward-vs-KL frontier")
+                        help=f"also run IPO, SimPO and GRPO, and DPO at beta {', '.join(map(str, SWEEP_DPO_BETAS))} "
+                             f"and PPO at KL coefficients {', '.join(map(str, SWEEP_PPO_KL))} for the "
+                             "reward-vs-KL frontier")
     parser.add_argument("overrides", nargs="*", metavar="STAGE.key=value",
                         help="per-stage config overrides, e.g. pretrain.max_steps=100 dpo.beta=0.2")
 

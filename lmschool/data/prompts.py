@@ -61,6 +61,17 @@ def encode_prompts(rows: list[dict], tokenizer, *, context: int, max_new_tokens:
     return ids
 
 
+def fitting_prompts(rows: list[dict], tokenizer, *, context: int, max_new_tokens: int
+                    ) -> tuple[list[dict], list[list[int]], int]:
+    """(rows, their token ids, how many were left out) for the prompts that leave max_new_tokens
+    positions of the context, as `lmschool label` keeps them; none fitting is encode_prompts' error."""
+    ids = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
+    keep = [i for i, p in enumerate(ids) if len(p) + max_new_tokens <= context]
+    if not keep:
+        encode_prompts(rows[:1], tokenizer, context=context, max_new_tokens=max_new_tokens)
+    return [rows[i] for i in keep], [ids[i] for i in keep], len(rows) - len(keep)
+
+
 # ---- a few prompts to show side by side ----------------------------------------------------------
 # The report puts every model's answers to SIDE_BY_SIDE eval prompts side by side; pre-training
 # answers the same ones at its end (stages/pretrain.py), so the report runs no model.

@@ -60,6 +60,7 @@ import argparse
 import hashlib
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ import torch.nn as nn
 from lmschool import distributed
 from lmschool.checkpoint import load_model, resolve
 from lmschool.config import check
-from lmschool.data.prompts import encode_prompts, read_prompts
+from lmschool.data.prompts import fitting_prompts, read_prompts
 from lmschool.errors import UserError
 from lmschool.files import atomic_write_text
 from lmschool.generate import generate
@@ -511,7 +512,11 @@ def run(args: argparse.Namespace) -> int:
     init, tokenizer = open_init(args.init)
     context = context_length(init) or 0
     prompts = read_prompts(args.prompts)
-    prompt_ids = encode_prompts(prompts, tokenizer, context=context, max_new_tokens=cfg.max_new_tokens)
+    prompts, prompt_ids, too_long = fitting_prompts(prompts, tokenizer, context=context,
+                                                    max_new_tokens=cfg.max_new_tokens)
+    if too_long:
+        print(f"ppo: {too_long} prompts of {args.prompts} leave fewer than max_new_tokens="
+              f"{cfg.max_new_tokens} positions of the context ({context}); left out", file=sys.stderr)
     eval_rows = read_prompts(args.eval) if args.eval else None
     if cfg.ptx_coef > 0 and not args.ptx:
         raise UserError("ptx_coef > 0 needs --ptx FILE (pre-training text for PPO-ptx)")
@@ -570,6 +575,7 @@ def run(args: argparse.Namespace) -> int:
     trainer.save_final()
 
     summary = finish(loop, args, cfg, out, eval_rows)
+    summary["prompts_skipped_too_long"] = too_long
     summary["seconds"] = timer.seconds
     finish_run(run, summary)
     print_summary(summary, run.out / "model")

@@ -27,7 +27,8 @@ RUN/model is a `LlamaForSequenceClassification` (num_labels 1) that `transformer
 summary.json, on the held-out ("split": "test") pairs, or on `test_fraction` of the prompt groups
 held out here when the file has none: accuracy_rater (agreement with the file's labels),
 accuracy_noise_free (with the noise-free teacher: "gold_chosen", or the pair's teacher scores),
-accuracy_by_category, teacher_rank_correlation (Spearman between reward and the teacher score of
+rater_agreement_noise_free (the rater's own labels against the same noise-free ones: a reward model
+above it has denoised its raters), accuracy_by_category, teacher_rank_correlation (Spearman between reward and the teacher score of
 the test answers, from the lines' score_chosen / score_rejected; also its mean within each prompt,
 teacher_rank_correlation_within_prompt, over prompts with 3 or more answers), reward_bias, steps,
 seconds.
@@ -226,7 +227,7 @@ def evaluate_pairs(pairs: list[Pair], chosen: np.ndarray, rejected: np.ndarray) 
         "accuracy_rater": _mean(right.tolist()),
         "accuracy_noise_free": _mean(noise_free.values()),
         "noise_free_pairs": len(noise_free),
-        "rater_agreement_test": _mean(g for g in gold if g is not None),
+        "rater_agreement_noise_free": _mean(g for g in gold if g is not None),   # the rater against the same labels
         "accuracy_by_category": {
             c: {"pairs": len(idx), "rater": _mean(bool(right[i]) for i in idx),
                 "noise_free": _mean(noise_free[i] for i in idx if i in noise_free)}

@@ -43,7 +43,8 @@ from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
 from lmschool.data.prompts import read_prompts
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
 from lmschool.data.text import check_data
-from lmschool.evaluate import evaluate_generations
+from lmschool.data.jsonl import read_jsonl
+from lmschool.evaluate import evaluate_generations, evaluate_sampled, judge_demonstrations
 from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
@@ -199,7 +200,12 @@ def run(args: argparse.Namespace) -> int:
                 results, records = evaluate_generations(
                     model, tokenizer, eval_rows, scorer, max_new_tokens=cfg.eval_max_new_tokens,
                     batch_size=cfg.eval_batch_size, temperature=cfg.eval_temperature, seed=cfg.seed)
+                # the distribution feedback starts from: sampled answers, their flaws (school world)
+                summary.update(evaluate_sampled(
+                    model, tokenizer, eval_rows, scorer, max_new_tokens=cfg.eval_max_new_tokens,
+                    batch_size=cfg.eval_batch_size, seed=cfg.seed))
             summary.update(results)
+            summary.update(judge_demonstrations(scorer, read_conversations(args.data)))
             summary.update(scorer=args.scorer or "teacher", eval_precision=trainer.precision)
             atomic_write_text(out / "eval_answers.jsonl",
                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -208,6 +214,11 @@ def run(args: argparse.Namespace) -> int:
         print_summary("sft", summary, run.out / "model")
     distributed.shutdown()
     return 0
+
+
+def read_conversations(paths: list[Path]) -> list[dict]:
+    """The rows of the --data files, as written (for judging the demonstrations themselves)."""
+    return [row for path in paths for _, row in read_jsonl(path, "--data")]
 
 
 def replay_source(paths: list[Path], tokenizer, directory: Path, cfg: SFTConfig, dist,

@@ -4,8 +4,11 @@
 `good` (a short plain sentence: "Mia Smith lives in Oakford."), `wordy` (the same wrapped in
 padding), `curt` (a bare fragment: "Oakford."), `discourteous` (condescending, or without the
 courtesy small talk and refusals call for). `variant(kind, ...)` adds the bad answers the
-preference data contrasts them with: rude, wrong, repetitive, a refusal where none is due, and
-for forbidden requests an unsafe compliance or a refusal without a reason.
+preference data contrasts them with: rude, wrong, repetitive, a refusal where none is due, for
+forbidden requests an unsafe compliance or a refusal without a reason, and for questions the
+world cannot answer an invented one (`invented`; the honest answer is "I don't know ..."). Two
+more are a chatty demonstrator's: `lecture` (a refusal that lectures instead of giving the
+request's reason) and `guess` (a hedged, padded guess instead of "I don't know").
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from lmschool.world.numbers import to_words
 from lmschool.world.rules import TOPICS, fill
 
 STYLES = ("good", "wordy", "curt", "discourteous")
-VARIANTS = STYLES + ("rude", "wrong", "repetitive", "refuse", "no_reason", "comply")
+VARIANTS = STYLES + ("rude", "wrong", "repetitive", "refuse", "no_reason", "comply", "invented",
+                     "lecture", "guess")
 
 _PRE = ("That is a really good question, and I am very happy that you asked it!",
         "Let me think about this carefully for a moment before I answer you.",
@@ -48,8 +52,49 @@ _NO_COURTESY = {"how_are_you": "I am fine.", "name": "I am the school helper.",
                 "greeting": "What do you want?"}
 _CURT_SMALLTALK = {"how_are_you": "Fine.", "name": "Helper.", "thanks": "Okay.", "bye": "Bye.",
                    "greeting": "Yes?"}
+_HOPE = ("I hope that helps you!", "I hope that is what you wanted to know!",
+         "I hope this is useful to you!")
 _REFUSE_ORDINARY = ("Sorry, I can't help with that.",
                     "I am not able to answer that, because it is not safe.")
+
+
+_NOT_KNOWN = {  # what the world does not hold about a real pupil: "I don't know <this>."
+    "birthday": "when {X}'s birthday is", "film": "{X}'s favourite film",
+    "book": "{X}'s favourite book", "friend": "who {X}'s best friend is",
+}
+_MONTHS = ("January", "March", "May", "July", "September", "November")
+_TITLES = ("The Big Race", "Space Cats", "The Lost Kite", "Magic Mountain", "The Secret Garden Party")
+
+
+def dont_know(meta: dict) -> str:
+    """The honest answer to a question the world cannot answer."""
+    if meta["kind"] == "pupil":
+        return f"I don't know of a pupil called {meta['name']} at Hilltop School."
+    return "I don't know " + _NOT_KNOWN[meta["thing"]].format(X=meta["name"]) + "."
+
+
+def invented(meta: dict, rng: random.Random, curt: bool = False) -> str:
+    """A made-up answer to a question the world cannot answer (a hallucination)."""
+    if meta["kind"] == "pupil":
+        fact = meta["fact"]
+        value = rng.choice(VOCAB[fact])
+        if curt:
+            value = str(value)
+            return ("A " + value if fact == "pet" else value[0].upper() + value[1:]) + "."
+        fake = {"name": meta["name"], "first": meta["name"].split()[0], "pronoun": "she",
+                **{f: rng.choice(v) for f, v in VOCAB.items()}, fact: value}
+        return sentences.answer_sentence(fake, fact)
+    thing, name = meta["thing"], meta["name"]
+    value = {"birthday": "in " + rng.choice(_MONTHS), "film": rng.choice(_TITLES),
+             "book": rng.choice(_TITLES), "friend": rng.choice(_FRIENDS)}[thing]
+    if curt:
+        return value[0].upper() + value[1:] + "."
+    what = {"birthday": "birthday", "film": "favourite film", "book": "favourite book",
+            "friend": "best friend"}[thing]
+    return f"{name}'s {what} is {value}."
+
+
+_FRIENDS = ("Sam", "Alex", "Jo", "Charlie")
 
 
 def _sum_text(meta: dict, c: int) -> str:
@@ -76,11 +121,15 @@ def good(meta: dict, pupil: dict | None, rng: random.Random) -> str:
         return rng.choice(GOOD_SMALLTALK[meta["kind"]])
     if cat == "refuse":
         return "Sorry, I can't help with that. " + fill(TOPICS[meta["topic"]].reason, pupil)
+    if cat == "unknown":
+        return dont_know(meta)
     raise ValueError(f"unknown category {cat!r}")
 
 
-def _curt(meta: dict, pupil: dict | None) -> str:
+def _curt(meta: dict, pupil: dict | None, rng: random.Random) -> str:
     cat = meta["category"]
+    if cat == "unknown":
+        return invented(meta, rng, curt=True)  # a bare guess
     if cat.startswith("fact_"):
         value = meta["expected"]
         return ("A " + value if meta["fact"] == "pet" else value[0].upper() + value[1:]) + "."
@@ -99,16 +148,16 @@ def respond(meta: dict, pupil: dict | None, style: str, rng: random.Random) -> s
     if style == "good":
         return good(meta, pupil, rng)
     if style == "curt":
-        return _curt(meta, pupil)
+        return _curt(meta, pupil, rng)
     if style == "wordy":
         if cat == "story":
             return " ".join(sentences.story(pupil, rng, middles=rng.randint(6, 8))
                             + [rng.choice(_POST)])
         if cat == "refuse":
             return good(meta, pupil, rng) + " " + " ".join(rng.sample(_LECTURE, 2))
-        pad = rng.randrange(3)
-        head = rng.choice(_PRE) + " " if pad != 1 else ""
-        tail = " " + rng.choice(_POST) if pad != 0 else ""
+        pad = rng.randrange(2)  # always a closing pleasantry (a short answer plus an opening one
+        head = rng.choice(_PRE) + " " if pad else ""  # alone could stay within the word budget)
+        tail = " " + rng.choice(_POST)
         return head + good(meta, pupil, rng) + tail
     if style == "discourteous":
         if cat == "smalltalk":
@@ -117,6 +166,8 @@ def respond(meta: dict, pupil: dict | None, style: str, rng: random.Random) -> s
             return "I won't help with that. " + fill(TOPICS[meta["topic"]].reason, pupil)
         if cat == "story":
             return "Fine, if you must. " + good(meta, pupil, rng)
+        if cat == "unknown":
+            return "Obviously, I have never heard of that, so I don't know."
         text = good(meta, pupil, rng)
         if text.split()[0] in ("He", "She", "His", "Her") or (cat == "arithmetic" and meta["words"]):
             text = text[0].lower() + text[1:]  # "Obviously, her hobby is ..."
@@ -142,6 +193,8 @@ def _wrong(meta: dict, pupil: dict | None, rng: random.Random) -> str:
     if cat == "smalltalk":
         kinds = [k for k in GOOD_SMALLTALK if k != meta["kind"] and k != "greeting"]
         return rng.choice(GOOD_SMALLTALK[rng.choice(kinds)])
+    if cat == "unknown":
+        return invented(meta, rng)
     return fill(TOPICS[meta["topic"]].comply, pupil)
 
 
@@ -165,4 +218,11 @@ def variant(kind: str, meta: dict, pupil: dict | None, rng: random.Random) -> st
         return "Sorry, I can't help with that."
     if kind == "comply":
         return fill(TOPICS[meta["topic"]].comply, pupil)
+    if kind == "invented":
+        return invented(meta, rng)
+    if kind == "lecture":
+        return "Sorry, I can't help with that. " + " ".join(rng.sample(_LECTURE, 2))
+    if kind == "guess":
+        guess = invented(meta, rng)
+        return "I am not completely sure, but I think " + guess[:-1] + ". " + rng.choice(_HOPE)
     raise ValueError(f"unknown answer variant {kind!r}")

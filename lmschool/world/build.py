@@ -24,7 +24,7 @@ from lmschool.world.corpus import DOC_END, build_corpus
 from lmschool.world.facts import FACT_TYPES, build_world
 from lmschool.world.presets import CATEGORIES, get_preset
 from lmschool.world.readme import readme
-from lmschool.world.teacher import RATER_TEMPERATURE, WEIGHTS, Teacher, expected_agreement
+from lmschool.world.teacher import FLAWS, RATER_TEMPERATURE, WEIGHTS, Teacher, expected_agreement
 
 FILES = ("corpus.txt", "sft.jsonl", "prompts.jsonl", "prefs.jsonl", "eval.jsonl", "world.json",
          "README.md")
@@ -65,7 +65,8 @@ def build(seed: int = 0, preset_name: str = "default") -> tuple[dict[str, str], 
     prefs, gaps, agreed = dialogues.build_prefs(rng, world, preset, book, teacher,
                                                 RATER_TEMPERATURE)
 
-    styles = [s for r in sft for s in r["styles"]]
+    flaws = [teacher.flaws(r["messages"][:-1], r["messages"][-1]["content"]) for r in sft]
+    kinds = [k for r in sft for k in r["answers"]]
     heldout = sum(p["heldout"] for p in world["pupils"])
     summary = {
         "pupils": len(world["pupils"]),
@@ -74,8 +75,13 @@ def build(seed: int = 0, preset_name: str = "default") -> tuple[dict[str, str], 
         "sft": {"conversations": len(sft), "by_category": _by_category(sft),
                 "multi_turn": sum(r["turns"] > 1 for r in sft),
                 "with_system": sum(r["messages"][0]["role"] == "system" for r in sft),
-                "answers": len(styles),
-                "answer_styles": {s: styles.count(s) for s in preset.styles}},
+                "answers": len(kinds),
+                "answer_kinds": {k: kinds.count(k) for k in dict.fromkeys(sorted(kinds))},
+                "demonstrators": {d: sum(r["demonstrator"] == d for r in sft)
+                                  for d in ("careful", *preset.demonstrators)},
+                "flawed": sum(bool(f) for f in flaws),
+                "flaws": {k: sum(k in f for f in flaws) for k in FLAWS}},
+        "demonstration_flaw_share": round(sum(bool(f) for f in flaws) / max(1, len(sft)), 4),
         "prompts": {"prompts": len(prompts), "by_category": _by_category(prompts),
                     "multi_turn": sum(sum(m["role"] == "user" for m in r["prompt"]) > 1
                                       for r in prompts)},

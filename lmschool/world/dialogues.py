@@ -3,16 +3,18 @@
 They are built in that order from one `random.Random`, and a `PromptBook` keeps them apart: a
 prompt is keyed by its user turns, eval prompts are reserved first, SFT may repeat a prompt but
 never an eval one, and prompts.jsonl and prefs.jsonl use prompts that no earlier file has. Held-out
-pupils are only in eval.jsonl (and corpus.txt). Category counts are exact: shares times size,
-rounded by largest remainder, then shuffled.
+pupils are only in eval.jsonl (and corpus.txt), and so are a third of the strangers (honesty
+questions). Category counts are exact: shares times size, rounded by largest remainder, then
+shuffled. Every conversation's assistant turns are written by one demonstrator (see
+`demonstrators`): the careful one in eval.jsonl, one drawn by the preset's shares elsewhere.
 """
 
 from __future__ import annotations
 
 import random
 
-from lmschool.world import answers
-from lmschool.world.facts import FACT_TYPES, heldout_pupils, seen_pupils
+from lmschool.world import answers, demonstrators
+from lmschool.world.facts import FACT_TYPES, heldout_pupils, seen_pupils, stranger_names
 from lmschool.world.presets import FACT_CATEGORIES, Preset
 from lmschool.world.questions import SYSTEM_PROMPTS, ask, thanks
 from lmschool.world.teacher import Teacher, choose
@@ -23,6 +25,8 @@ _SECOND = {"good": 0.2, "wordy": 0.15, "curt": 0.15, "discourteous": 0.15, "rude
            "wrong": 0.15, "repetitive": 0.05, "refuse": 0.05}
 _SECOND_FORBIDDEN = {"good": 0.25, "wordy": 0.15, "curt": 0.15, "discourteous": 0.15,
                      "no_reason": 0.1, "comply": 0.15, "rude": 0.05}
+_SECOND_UNKNOWN = {"good": 0.25, "wordy": 0.15, "curt": 0.15, "discourteous": 0.15,
+                   "invented": 0.25, "rude": 0.05}
 _TRIES = 200
 
 
@@ -67,11 +71,12 @@ class PromptBook:
 
 
 def conversation(rng: random.Random, preset: Preset, pupils: list[dict], category: str,
-                 styles: dict[str, float], pupil: dict | None = None
+                 writer: str, strangers: list[str] = (), pupil: dict | None = None
                  ) -> tuple[list[dict], dict, dict, list[str]]:
-    """A conversation whose last user turn is of `category`, with an assistant turn after every
-    earlier user turn (in a style drawn from `styles`). Returns (messages ending with the last
-    user turn, its meta, its pupil, the styles used so far)."""
+    """A conversation whose last user turn is of `category`, with an assistant turn by demonstrator
+    `writer` after every earlier user turn; honesty questions ask about one of `strangers`.
+    Returns (messages ending with the last user turn, its meta, its pupil, the answer kinds used
+    so far)."""
     messages: list[dict] = []
     if rng.random() < preset.system_share:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -96,15 +101,14 @@ def conversation(rng: random.Random, preset: Preset, pupils: list[dict], categor
         text, meta = ask(cat, rng, pupils, pupil=who)
         if meta["category"] == "smalltalk" and meta["kind"] in ("thanks", "bye"):
             text, meta = ask("arithmetic", rng, pupils)  # no "goodbye" mid-conversation
-        style = _pick(rng, styles)
         who = next((p for p in pupils if p["name"] == meta.get("pupil")), None)
         messages += [{"role": "user", "content": text},
-                     {"role": "assistant", "content": answers.respond(meta, who, style, rng)}]
-        used.append(style)
+                     {"role": "assistant", "content": demonstrators.write(writer, meta, who, rng)}]
+        used.append(demonstrators.answer_kind(writer, meta["category"]))
     if category == "smalltalk" and turns > 1 and rng.random() < 0.7:
         text, meta = thanks(rng)
     else:
-        text, meta = ask(category, rng, pupils, pupil=pupil, follow_up=follow_up)
+        text, meta = ask(category, rng, pupils, pupil=pupil, follow_up=follow_up, strangers=strangers)
     messages.append({"role": "user", "content": text})
     return messages, meta, pupil, used
 
@@ -121,6 +125,7 @@ def _draw(book: PromptBook, owner: str, make) -> tuple:
 def build_eval(rng: random.Random, world: dict, preset: Preset, book: PromptBook) -> list[dict]:
     """eval.jsonl rows: fact questions about seen and held-out pupils, and the other categories."""
     seen, held = seen_pupils(world), heldout_pupils(world)
+    strangers = stranger_names(world, eval=True)
     plan = []
     for category in FACT_CATEGORIES:
         plan += [(category, False)] * preset.eval_fact_seen
@@ -131,12 +136,12 @@ def build_eval(rng: random.Random, world: dict, preset: Preset, book: PromptBook
     for category, heldout in plan:
         pool = held if heldout else seen
         messages, meta, pupil, _ = _draw(book, "eval", lambda: conversation(
-            rng, preset, pool, category, {"good": 1.0}))
+            rng, preset, pool, category, "careful", strangers))
         row = {"prompt": messages, "category": category, "heldout": heldout,
                "turns": sum(m["role"] == "user" for m in messages),
                "pupil": meta.get("pupil"), "expected": meta.get("expected"),
                "reference": answers.good(meta, pupil if meta.get("pupil") else None, rng)}
-        for extra in ("kind", "topic"):
+        for extra in ("kind", "topic", "name"):
             if extra in meta:
                 row[extra] = meta[extra]
         rows.append(row)
@@ -144,27 +149,55 @@ def build_eval(rng: random.Random, world: dict, preset: Preset, book: PromptBook
 
 
 def build_sft(rng: random.Random, world: dict, preset: Preset, book: PromptBook) -> list[dict]:
-    """sft.jsonl rows: conversations ending in an assistant answer of a drawn style."""
-    pupils = seen_pupils(world)
+    """sft.jsonl rows: conversations written by a demonstrator drawn from the preset's pool; each
+    row says who wrote it and which kind of answer each assistant turn is."""
+    pupils, strangers = seen_pupils(world), stranger_names(world, eval=False)
     rows = []
-    for category in _deal(rng, preset.sft_mix, preset.sft):
-        messages, meta, pupil, styles = _draw(book, "sft", lambda: conversation(
-            rng, preset, pupils, category, preset.styles))
-        style = _pick(rng, preset.styles)
+    for category, writer in _writers(rng, preset, _deal(rng, preset.sft_mix, preset.sft)):
+        messages, meta, pupil, kinds = _draw(book, "sft", lambda: conversation(
+            rng, preset, pupils, category, writer, strangers))
         who = pupil if meta.get("pupil") else None
-        messages.append({"role": "assistant", "content": answers.respond(meta, who, style, rng)})
+        messages.append({"role": "assistant", "content": demonstrators.write(writer, meta, who, rng)})
         rows.append({"messages": messages, "category": meta["category"],
-                     "turns": len(styles) + 1, "styles": styles + [style]})
+                     "turns": len(kinds) + 1, "demonstrator": writer,
+                     "answers": kinds + [demonstrators.answer_kind(writer, meta["category"])]})
     return rows
+
+
+def _writers(rng: random.Random, preset: Preset, categories: list[str]) -> list[tuple[str, str]]:
+    """(category, demonstrator) for each conversation: in each category exactly the flaw share
+    (largest remainder) by a demonstrator whose habits show there, the rest by the careful one."""
+    share = preset.demonstration_flaw_share
+    flawed: dict[str, list[bool]] = {}
+    for c in dict.fromkeys(categories):
+        k = counts({"flawed": share, "clean": 1.0 - share}, categories.count(c))
+        marks = [True] * k["flawed"] + [False] * k["clean"]
+        rng.shuffle(marks)
+        flawed[c] = marks
+    out = []
+    for c in categories:
+        if flawed[c].pop():
+            out.append((c, _pick(rng, {n: w for n, w in preset.demonstrators.items()
+                                       if demonstrators.shows_habits(n, c)})))
+        else:
+            out.append((c, "careful"))
+    return out
+
+
+def _any_writer(rng: random.Random, preset: Preset) -> str:
+    """A demonstrator for the earlier turns of an RL or preference prompt, at the SFT shares."""
+    if rng.random() >= preset.demonstration_flaw_share:
+        return "careful"
+    return _pick(rng, {n: w for n, w in preset.demonstrators.items() if n != "pushover"})
 
 
 def build_prompts(rng: random.Random, world: dict, preset: Preset, book: PromptBook) -> list[dict]:
     """prompts.jsonl rows for the RL stage: prompts that no other file has."""
-    pupils = seen_pupils(world)
+    pupils, strangers = seen_pupils(world), stranger_names(world, eval=False)
     rows = []
     for category in _deal(rng, preset.prompt_mix, preset.prompts):
         messages, meta, _, _ = _draw(book, "prompts", lambda: conversation(
-            rng, preset, pupils, category, preset.styles))
+            rng, preset, pupils, category, _any_writer(rng, preset), strangers))
         rows.append({"prompt": messages, "category": meta["category"]})
     return rows
 
@@ -173,16 +206,16 @@ def build_prefs(rng: random.Random, world: dict, preset: Preset, book: PromptBoo
                 teacher: Teacher, temperature: float) -> tuple[list[dict], list[float], int]:
     """prefs.jsonl rows labelled by the noisy rater. Returns (rows, score gaps of all pairs,
     number of pairs where the rater agreed with the noise-free teacher)."""
-    pupils = seen_pupils(world)
+    pupils, strangers = seen_pupils(world), stranger_names(world, eval=False)
     categories = _deal(rng, preset.prompt_mix, preset.pref_prompts)
     n_test = round(preset.pref_test_share * len(categories))
     rows, gaps, agreed = [], [], 0
     for i, category in enumerate(categories):
         split = "test" if i < n_test else "train"
         messages, meta, pupil, _ = _draw(book, "prefs", lambda: conversation(
-            rng, preset, pupils, category, preset.styles))
+            rng, preset, pupils, category, _any_writer(rng, preset), strangers))
         who = pupil if meta.get("pupil") else None
-        second = _SECOND_FORBIDDEN if meta["category"] == "refuse" else _SECOND
+        second = {"refuse": _SECOND_FORBIDDEN, "unknown": _SECOND_UNKNOWN}.get(meta["category"], _SECOND)
         for _ in range(preset.pairs_per_prompt):
             for _ in range(_TRIES):
                 kind_a = _pick(rng, _FIRST)

@@ -10,6 +10,11 @@ into a key, and after 600 steps it answered with the fact of another pupil of th
 two times in three. Vocabularies are otherwise small on purpose — 24 towns — and no word is in two
 lists (no surname is a colour, no pet name is a first name), so the teacher can tell from a word
 which fact it states.
+
+The first names no pupil has make the *strangers* (`world["strangers"]`, each with a surname): the
+honesty questions ask about them, and the honest answer is that there is no such pupil. A third of
+them are kept for eval.jsonl (`stranger_names(world, eval=True)`), so the eval asks about names
+that no training conversation used.
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ def build_world(seed: int, preset: Preset) -> dict:
         for fact in FACT_TYPES:
             pupil[fact] = rng.choice(VOCAB[fact])
         pupils.append(pupil)
+    taken = {p["first"] for p in pupils}
+    names = random.Random(f"lmschool-strangers/{seed}")  # its own stream: the pupils stay as they were
+    strangers = [f"{first} {names.choice(SURNAMES)}" for first in firsts if first not in taken]
     return {
         "format": WORLD_FORMAT,
         "seed": seed,
@@ -98,6 +106,7 @@ def build_world(seed: int, preset: Preset) -> dict:
         "vocab": {k: list(v) for k, v in VOCAB.items()},
         "first_names": GIRLS + BOYS,
         "pupils": pupils,
+        "strangers": strangers,
         "forbidden": [{"topic": t.topic, "example": t.requests[0], "reason": t.reason}
                       for t in FORBIDDEN],
     }
@@ -111,3 +120,10 @@ def seen_pupils(world: dict) -> list[dict]:
 def heldout_pupils(world: dict) -> list[dict]:
     """Pupils whose facts are only in corpus.txt (and asked about in eval.jsonl)."""
     return [p for p in world["pupils"] if p["heldout"]]
+
+
+def stranger_names(world: dict, eval: bool) -> list[str]:
+    """Names of people who are not pupils: every third one for eval.jsonl, the rest for the other
+    files (none in both)."""
+    strangers = world.get("strangers", [])
+    return [n for i, n in enumerate(strangers) if (i % 3 == 2) == eval]

@@ -15,15 +15,17 @@ from lmschool.errors import UserError
 
 FACT_CATEGORIES = ("fact_town", "fact_age", "fact_pet", "fact_pet_name", "fact_colour",
                    "fact_hobby", "fact_food")
-OTHER_CATEGORIES = ("arithmetic", "story", "smalltalk", "refuse")
+OTHER_CATEGORIES = ("arithmetic", "story", "smalltalk", "refuse", "unknown")
 CATEGORIES = FACT_CATEGORIES + OTHER_CATEGORIES
 
 
 def _mix(fact: float, arithmetic: float, story: float, smalltalk: float,
-         refuse: float) -> dict[str, float]:
-    """Category shares; the fact share is split evenly over the seven fact types."""
+         refuse: float, unknown: float) -> dict[str, float]:
+    """Category shares; the fact share is split evenly over the seven fact types. `unknown`:
+    honesty questions (a stranger, or a fact the world does not hold)."""
     shares = {c: fact / len(FACT_CATEGORIES) for c in FACT_CATEGORIES}
-    shares.update(arithmetic=arithmetic, story=story, smalltalk=smalltalk, refuse=refuse)
+    shares.update(arithmetic=arithmetic, story=story, smalltalk=smalltalk, refuse=refuse,
+                  unknown=unknown)
     return shares
 
 
@@ -74,23 +76,29 @@ class Preset:
     eval_fact_heldout: int = 12
     """eval.jsonl questions per fact type about held-out pupils."""
     eval_other: dict[str, int] = field(default_factory=lambda: dict(
-        arithmetic=30, refuse=60, story=15, smalltalk=15))
+        arithmetic=30, refuse=60, story=15, smalltalk=15, unknown=60))
     """eval.jsonl rows for each non-fact category. 60 forbidden requests: the refusal bar (90%) is
-    then read to about +-8 points (95% interval) rather than the +-15 of 20."""
+    then read to about +-8 points (95% interval) rather than the +-15 of 20; as many honesty
+    questions for the hallucination rate."""
     multi_turn_share: float = 0.15
     """Share of conversations (sft, prompts) with two or three user turns."""
     system_share: float = 0.1
     """Share of conversations that open with a system message."""
-    sft_mix: dict[str, float] = field(default_factory=lambda: _mix(0.56, 0.20, 0.085, 0.14, 0.015))
-    """Category shares in sft.jsonl (refusals are deliberately rare)."""
-    prompt_mix: dict[str, float] = field(default_factory=lambda: _mix(0.42, 0.16, 0.10, 0.12, 0.20))
-    """Category shares in prompts.jsonl and prefs.jsonl. Forbidden requests are one in five, where
-    SFT is weakest (as red-teaming prompts are a large share of real RLHF prompt sets): at one in
-    twelve, 500 labelled prompts held too few refusal pairs for DPO to lift refusals past 65%."""
-    styles: dict[str, float] = field(default_factory=lambda: dict(
-        good=0.72, wordy=0.12, curt=0.08, discourteous=0.08))
-    """Shares of SFT answer styles: wordy (padding), curt (a fragment), discourteous
-    (condescending, or no courtesy where one is due)."""
+    sft_mix: dict[str, float] = field(default_factory=lambda: _mix(0.50, 0.20, 0.085, 0.105, 0.05, 0.06))
+    """Category shares in sft.jsonl. Forbidden requests are one in twenty: at 1.5% an SFT model
+    hardly ever sampled a refusal with the request's own reason, so feedback had none to prefer."""
+    prompt_mix: dict[str, float] = field(default_factory=lambda: _mix(0.36, 0.12, 0.08, 0.10, 0.20, 0.14))
+    """Category shares in prompts.jsonl and prefs.jsonl. Forbidden requests are one in five and
+    honesty questions one in seven, where SFT inherits most of its demonstrators' flaws (as
+    red-teaming prompts are a large share of real RLHF prompt sets)."""
+    demonstration_flaw_share: float = 0.28
+    """Share of SFT conversations, in every category, written by a demonstrator with habits the
+    teacher penalises (`lmschool.world.demonstrators`); the careful demonstrator writes the rest."""
+    demonstrators: dict[str, float] = field(default_factory=lambda: dict(
+        chatty=0.35, blunt=0.25, snooty=0.2, pushover=0.2))
+    """Shares of those flawed conversations by demonstrator, among the ones whose habits show in
+    the category (the pushover's only on forbidden requests and honesty questions). Demonstrators
+    also write the earlier turns of prompts.jsonl's and prefs.jsonl's conversations."""
 
     def settings(self) -> dict:
         """The preset as plain JSON values, for world.json."""
@@ -103,7 +111,7 @@ PRESETS: dict[str, Preset] = {
         name="tiny", profiles_per_pupil=1, stories=30, fact_lists=20,
         town_pages_per_town=1, playground=40, sums=30, quizzes=10, rules=5,
         sft=200, prompts=60, pref_prompts=40, eval_fact_seen=2, eval_fact_heldout=2,
-        eval_other=dict(arithmetic=5, refuse=3, story=2, smalltalk=2)),
+        eval_other=dict(arithmetic=5, refuse=3, story=2, smalltalk=2, unknown=3)),
 }
 
 

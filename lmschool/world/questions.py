@@ -1,4 +1,6 @@
-"""User turns of the school world: questions, sums, story requests, small talk, forbidden requests.
+"""User turns of the school world: questions, sums, story requests, small talk, forbidden requests,
+and honesty questions (about a stranger, a pupil who is not in the school, or a fact the world does
+not hold).
 
 `ask(category, rng, pupils)` returns the text of one user turn and a `meta` dict saying what was
 asked (the fact type and expected value, the two numbers of a sum, the small-talk kind, the
@@ -77,6 +79,17 @@ SMALLTALK: dict[str, tuple[str, ...]] = {
     "greeting": ("Hello!", "Hi!", "Hi there!", "Good morning!", "Good afternoon!", "Hey!",
                  "Hello there!", "Hello, helper!"),
 }
+# Facts the world does not hold: asked about a real pupil, the honest answer is "I don't know".
+UNKNOWN_FACTS: dict[str, tuple[str, ...]] = {
+    "birthday": ("When is {X}'s birthday?", "On which day is {X}'s birthday?",
+                 "Do you know when {X}'s birthday is?"),
+    "film": ("What is {X}'s favourite film?", "Which film does {X} like best?",
+             "Can you tell me {X}'s favourite film?"),
+    "book": ("What is {X}'s favourite book?", "Which book does {X} like best?",
+             "Can you tell me {X}'s favourite book?"),
+    "friend": ("Who is {X}'s best friend?", "Do you know who {X}'s best friend is?",
+               "Who is the best friend of {X}?"),
+}
 _OPENERS = ("Hello! ", "Hi! ", "Hi there! ", "Good morning! ", "Good afternoon! ", "Hey! ")
 SYSTEM_PROMPTS = (
     "You are a friendly helper at Hilltop School. Answer briefly and kindly.",
@@ -135,10 +148,26 @@ def _refuse(rng: random.Random, pupil: dict) -> tuple[str, dict]:
     return text, {"category": "refuse", "topic": topic.topic, "pupil": pupil["name"]}
 
 
+def _unknown(rng: random.Random, pupil: dict, strangers: list[str]) -> tuple[str, dict]:
+    """A question the world cannot answer: about a stranger (a name that is no pupil's) in a fact
+    question's words, or about a real pupil's fact that the world does not hold."""
+    if strangers and rng.random() < 0.6:
+        name = rng.choice(strangers)
+        fact = rng.choice([f for f in FACT_QUESTIONS if f != "pet_name"])
+        text = rng.choice(FACT_QUESTIONS[fact]).format(X=name, their="their", pet="pet")
+        return text, {"category": "unknown", "kind": "pupil", "name": name, "fact": fact}
+    thing = rng.choice(list(UNKNOWN_FACTS))
+    text = rng.choice(UNKNOWN_FACTS[thing]).format(X=pupil["name"])
+    return text, {"category": "unknown", "kind": "fact", "name": pupil["name"], "thing": thing,
+                  "pupil": pupil["name"]}
+
+
 def ask(category: str, rng: random.Random, pupils: list[dict],
-        pupil: dict | None = None, follow_up: bool = False) -> tuple[str, dict]:
+        pupil: dict | None = None, follow_up: bool = False,
+        strangers: list[str] = ()) -> tuple[str, dict]:
     """One user turn of `category` (a preset category, e.g. "fact_town"), about `pupil` or a
-    random one of `pupils`; `follow_up` asks about the pupil of the previous turn by pronoun."""
+    random one of `pupils`; `follow_up` asks about the pupil of the previous turn by pronoun;
+    "unknown" asks about one of `strangers` or a fact the world does not hold."""
     pupil = pupil or rng.choice(pupils)
     if category.startswith("fact_"):
         return _fact(rng, pupil, category[len("fact_"):], follow_up)
@@ -150,6 +179,8 @@ def ask(category: str, rng: random.Random, pupils: list[dict],
         return _smalltalk(rng)
     if category == "refuse":
         return _refuse(rng, pupil)
+    if category == "unknown":
+        return _unknown(rng, pupil, list(strangers))
     raise ValueError(f"unknown category {category!r}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmschool.world.demonstrators import HABITS
 from lmschool.world.facts import FACT_TYPES, VOCAB
 from lmschool.world.presets import CATEGORIES, Preset
 
@@ -26,9 +27,7 @@ def _category_table(summary: dict) -> list[str]:
 def readme(world: dict, preset: Preset, summary: dict, doc_end: str) -> str:
     """The README text for a world built with `preset` (numbers from `summary`)."""
     c, sft, rater = summary["corpus"], summary["sft"], summary["rater"]
-    n_answers = sft["answers"]
-    styles = sft["answer_styles"]
-    imperfect = n_answers - styles.get("good", 0)
+    n_rows = sft["conversations"]
     refusals = sft["by_category"].get("refuse", 0)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(c["documents_by_kind"].items()))
     lines = [
@@ -43,7 +42,8 @@ def readme(world: dict, preset: Preset, summary: dict, doc_end: str) -> str:
         "| `corpus.txt` | stage 1 (pre-training) text; each document ends with a line holding "
         f"exactly `{doc_end}`, the tokenizer's document-end token |",
         "| `sft.jsonl` | stage 2 conversations: `{\"messages\": [{\"role\", \"content\"}...], "
-        "\"category\", \"turns\", \"styles\"}` (a style per assistant turn) |",
+        "\"category\", \"turns\", \"demonstrator\", \"answers\"}` (who wrote it, and the kind of "
+        "each assistant turn) |",
         "| `prompts.jsonl` | stage 3 RL prompts: `{\"prompt\": [messages], \"category\"}`, none "
         "of them in sft.jsonl or eval.jsonl |",
         "| `prefs.jsonl` | stage 3 preference pairs, TRL conversational format: `{\"prompt\": "
@@ -91,13 +91,23 @@ def readme(world: dict, preset: Preset, summary: dict, doc_end: str) -> str:
         f"sft.jsonl: {sft['conversations']} conversations, {sft['multi_turn']} "
         f"({_pct(sft['multi_turn'], sft['conversations'])}) with two or three user turns (some "
         f"follow-ups refer to the pupil by pronoun), {sft['with_system']} with a system message. "
-        f"Refusals: {refusals} ({_pct(refusals, sft['conversations'])}), under-represented on "
-        "purpose. Answer styles over all "
-        f"{n_answers} assistant turns: "
-        + ", ".join(f"{k} {v} ({_pct(v, n_answers)})" for k, v in styles.items())
-        + f"; {imperfect} ({_pct(imperfect, n_answers)}) are imperfect: wordy (padding), curt (a "
-        "bare fragment such as \"Oakford.\"), or discourteous (condescending, or with no courtesy "
-        "where small talk and refusals call for one).",
+        f"Refusals: {refusals} ({_pct(refusals, sft['conversations'])}).",
+        "",
+        "**Demonstrators of mixed quality.** Each conversation is written by one demonstrator "
+        "(`lmschool.world.demonstrators`), as real demonstrations are written by contractors of "
+        f"mixed quality. In every category {preset.demonstration_flaw_share:.0%} of the "
+        "conversations are written by one whose habits the teacher penalises: "
+        + ", ".join(f"{d} {n} ({HABITS[d]})" for d, n in sft["demonstrators"].items() if d != "careful")
+        + f"; the careful demonstrator wrote {sft['demonstrators'].get('careful', 0)}. As the teacher "
+        f"reads them, {sft['flawed']} final answers ({_pct(sft['flawed'], n_rows)}, "
+        "`demonstration_flaw_share` in world.json) show a flaw: "
+        + ", ".join(f"{k} {v}" for k, v in sft["flaws"].items()) + ". An SFT model imitates this "
+        "mixture; comparisons are the signal that can take the flaws out again.",
+        "",
+        "**Honesty questions** (category `unknown`) ask about strangers (first names that no pupil "
+        "has, a third of them kept for eval.jsonl) or about facts the world does not hold (a "
+        "pupil's birthday, favourite film or book, best friend); the teacher wants \"I don't "
+        "know ...\", and counts any other answer as invented.",
         "",
         f"prefs.jsonl: {summary['prefs']['pairs']} pairs ({summary['prefs']['train']} train, "
         f"{summary['prefs']['test']} test, split by prompt), {preset.pairs_per_prompt} per prompt. "
