@@ -76,8 +76,24 @@ def parse(parser: argparse.ArgumentParser, command_parser, argv: list[str]) -> a
     return args
 
 
+def undecodable(argv: list[str]) -> str | None:
+    """The first argument holding bytes that are not UTF-8 (Python keeps them as lone surrogates),
+    as a one-line error; None when every argument is text."""
+    for arg in argv:
+        bad = next((ch for ch in arg if "\udc80" <= ch <= "\udcff"), None)
+        if bad is not None:
+            shown = arg.encode("utf-8", "surrogateescape")[:40].decode("ascii", "backslashreplace")
+            return (f"argument '{shown}' holds byte 0x{ord(bad) - 0xDC00:02x}, which is not UTF-8 "
+                    "text; pass arguments as UTF-8")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    problem = undecodable(argv)
+    if problem:
+        print(f"lmschool: error: {problem}", file=sys.stderr)
+        return 2
     parser, module, command_parser = build_parser(argv)
     args = parse(parser, command_parser, argv)
     if module is None:

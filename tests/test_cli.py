@@ -38,3 +38,12 @@ def test_overrides_and_options_in_any_order():
     argv = ["tokenizer", "train", "--data", "a.txt", "--byte-level", "--out", "tok"]   # a command with sub-commands
     parser, _, command_parser = build_parser(argv)
     assert parse(parser, command_parser, argv).byte_level
+
+
+def test_bytes_that_are_not_utf8_are_one_line_and_exit_2(capsys):
+    """As sys.argv carries them: undecodable bytes become lone surrogates (PEP 383)."""
+    from lmschool.cli import main
+    bad = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")
+    assert main(["score", "runs/reward", "--prompt", "hi", "--response", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "0xe9" in err and "not UTF-8" in err and "Traceback" not in err
