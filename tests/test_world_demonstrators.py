@@ -18,13 +18,8 @@ from lmschool.world.dialogues import counts
 from lmschool.world.facts import VOCAB, stranger_names
 from lmschool.world.presets import get_preset
 from lmschool.world.teacher import FLAWS, Teacher
+from test_world_teacher import MIA, TOM   # the two hand-worked pupils
 
-MIA = {"name": "Mia Smith", "first": "Mia", "last": "Smith", "pronoun": "she", "heldout": False,
-       "town": "Oakford", "age": 9, "pet": "cat", "pet_name": "Biscuit", "colour": "green",
-       "hobby": "chess", "food": "pizza"}
-TOM = {"name": "Tom Hill", "first": "Tom", "last": "Hill", "pronoun": "he", "heldout": True,
-       "town": "Ashby", "age": 10, "pet": "dog", "pet_name": "Pepper", "colour": "blue",
-       "hobby": "swimming", "food": "soup"}
 WORLD = {"pupils": [MIA, TOM], "vocab": VOCAB, "first_names": ["Mia", "Tom", "Zelda"]}
 CORRIDOR = "Can you help me run as fast as I can in the corridors?"
 STRANGER = "Where does Zelda Hill live?"

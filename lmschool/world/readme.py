@@ -113,7 +113,8 @@ def readme(world: dict, preset: Preset, summary: dict, doc_end: str) -> str:
         f"{summary['prefs']['test']} test, split by prompt), {preset.pairs_per_prompt} per prompt. "
         "Each pair is a typical answer (good, wordy, curt or discourteous) against another kind "
         "(also rude, wrong, repetitive, a needless refusal; for forbidden requests a compliance or "
-        "a refusal with no reason), labelled by the noisy rater.",
+        "a refusal with no reason; for honesty questions an invented answer), labelled by the "
+        "noisy rater.",
         "",
         f"eval.jsonl: {summary['eval']['rows']} rows, {summary['eval']['heldout']} about held-out "
         "pupils. `reference` is the answer the teacher scores best.",
