@@ -221,7 +221,7 @@ def make_files(tmp: Path, run: Path) -> dict[str, dict[str, Path]]:
         "bad_yaml": _text(d / "bad.yaml", "lr: [1, 2\nmax_steps: 3\n"),
         "a_list": _text(d / "list.yaml", "- lr\n- max_steps\n"),
         "unknown_key": _text(d / "unknown.yaml", "max_stepz: 2\n"),
-        "wrong_type": _text(d / "wrong_type.yaml", "max_steps: many\n"),
+        "wrong_type": _text(d / "wrong_type.yaml", "warmup_steps: many\n"),
         "tabs": _text(d / "tabs.yaml", "max_steps:\t\t2\n\tlr: 1\n"),
     }
     return files
