@@ -94,11 +94,19 @@ def check_output_file(path: Path, force: bool, flag: str = "--out") -> None:
         raise UserError(f"{flag} {path} is a directory; give a file name")
     if path.exists() and not force:
         raise UserError(f"{flag} {path} exists; pass --force to replace it or choose another name")
-    parent = path.parent
+    check_writable(path, flag)
+
+
+def check_writable(path: Path, flag: str = "--out") -> None:
+    """Before any long work: `path` (a file or directory) can be made or written, as its nearest
+    existing ancestor (itself, if it exists) is a writable directory and not a file."""
+    parent = path if path.exists() else path.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: {parent} is not a writable directory")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable")
 
 
 # ---- replacing a directory: build the new one beside it, swap it in at the end ------------------

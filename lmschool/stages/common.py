@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ from pathlib import Path
 from lmschool import config as config_lib
 from lmschool.checkpoint import check_kind, read_config, resolve
 from lmschool.errors import UserError
-from lmschool.files import RUN_MARKER, atomic_write_text, check_replaceable, clean_leftovers, staging_dir, swap_in
+from lmschool.files import (RUN_MARKER, atomic_write_text, check_replaceable, check_writable, clean_leftovers,
+                            staging_dir, swap_in)
 from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
 
 DATA_FILE = "data.json"
@@ -76,11 +76,7 @@ def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> RunDir:
     if has_run and not (resume or force):
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it, --force to "
                         f"replace it, or choose another directory")
-    parent = out.parent if not out.exists() else out
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out}: {parent} is not writable")
+    check_writable(out)
     path = out
     if has_run and force:
         check_replaceable(out, "run")
