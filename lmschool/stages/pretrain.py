@@ -82,9 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(PretrainConfig, args)
     check_data(args.data)  # every file readable, UTF-8 and non-empty, before --out is touched
-    if args.init:
-        args.init = resolve(args.init)   # a missing or bad --init stops here, not after --out is opened
+    torch.manual_seed(cfg.seed)
+    init_model = None
+    if args.init:   # a missing or damaged --init stops here, before --out is opened
+        args.init = resolve(args.init)
         check_kind(args.init, "policy", "--init")
+        init_model = load_model(args.init, head="lm")
+        if args.tokenizer is None:
+            Tokenizer.load(args.init)
     if args.tokenizer is not None:
         Tokenizer.load(args.tokenizer)
     timer = Timer()
@@ -95,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
     out, resuming = run.path, run.resuming
     data_info = {"data": [str(p) for p in args.data], "fingerprint": file_fingerprint(args.data)}
     check_same_data(out, data_info, resuming)  # a resumed run reads RUN/data, tokenised when it started
-    torch.manual_seed(cfg.seed)
 
     # --- tokenizer and data (rank 0 prepares, the others wait and read) ---
     tok_dir, data_dir = out / "tokenizer", out / "data"
@@ -109,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
 
     # --- model ---
-    if args.init:
-        model = load_model(args.init, head="lm")
+    if init_model is not None:
+        model = init_model
         check_vocab(model, tokenizer, f"--init {args.init}")
         cfg.model = model.config
     else:

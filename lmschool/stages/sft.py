@@ -150,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.max_steps == 0:
         cfg.max_steps = math.ceil(cfg.epochs * per_epoch)
 
+    torch.manual_seed(cfg.seed)
+    model = load_model(init, head="lm")   # a damaged --init stops here, before --out is opened
+    check_vocab(model, tokenizer, f"--init {init}")
     run = open_run(args.out, args, dist, "sft")
     if run.finished:
         return 0
@@ -160,9 +163,6 @@ def run(args: argparse.Namespace) -> int:
     check_same_data(out, data_info, resuming, keys=("fingerprint", "replay"))
     if args.replay:
         data = WithReplay(data, replay_source(args.replay, tokenizer, out / "replay", cfg, dist, resuming))
-    torch.manual_seed(cfg.seed)
-    model = load_model(init, head="lm")
-    check_vocab(model, tokenizer, f"--init {init}")
     if dist.is_main:
         save_resolved_config(cfg, out)
         write_data_info(out, {**data_info, **vars(stats)})
