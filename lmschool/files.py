@@ -58,6 +58,12 @@ def check_replaceable(path: Path, kind: str, flag: str = "--out") -> None:
                         f"--force replaces only one lmschool wrote: choose another {flag}")
 
 
+def is_output(path: Path, kind: str) -> bool:
+    """Whether `path` holds the entry that marks an lmschool `kind` directory (its other entries
+    aside: a user's notes in a run keep it a run)."""
+    return any((path / m).exists() for m in OUTPUTS[kind][1])
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path` that replaces `path` only when the block finishes.
@@ -162,7 +168,7 @@ def clean_leftovers(path: Path, inside: tuple[str, ...] = ()) -> list[str]:
     note = recover(path)
     if note:
         notes.append(note)
-    if not any((path / m).exists() for m in OUTPUTS["run"][1]):
+    if not is_output(path, "run"):
         return notes
     for directory in (path, *(path / d for d in inside)):
         for entry in sorted(directory.glob(".*.tmp-*")) if directory.is_dir() else []:

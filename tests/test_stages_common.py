@@ -96,3 +96,20 @@ def test_a_damaged_init_writes_nothing(stage, world, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "init is damaged" in err[0], err
     assert not out.exists()
+
+
+def test_resume_continues_only_an_lmschool_run(tmp_path, text_file, capsys):
+    """--resume on a directory lmschool did not start as a run (a world, a user's files) trained
+    into it, exit 0 (bad-input matrix, issue 19); a run with a user's note in it still resumes."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("three years of work")
+    assert pretrain(text_file, mine, "--resume") == 2
+    assert "is not an lmschool run (it has no .lmschool-run)" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    run = tmp_path / "run"
+    assert pretrain(text_file, run, "max_steps=3") == 0
+    (run / "notes.txt").write_text("my notes")
+    capsys.readouterr()
+    assert pretrain(text_file, run, "--resume") == 0
+    assert "is already finished" in capsys.readouterr().out and (run / "notes.txt").is_file()

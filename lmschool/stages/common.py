@@ -30,7 +30,7 @@ from lmschool import config as config_lib
 from lmschool.checkpoint import check_kind, read_config, resolve
 from lmschool.errors import UserError
 from lmschool.files import (RUN_MARKER, atomic_write_text, check_replaceable, check_writable, clean_leftovers,
-                            staging_dir, swap_in)
+                            is_output, staging_dir, swap_in)
 from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
 
 DATA_FILE = "data.json"
@@ -76,6 +76,9 @@ def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> RunDir:
     if has_run and not (resume or force):
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it, --force to "
                         f"replace it, or choose another directory")
+    if has_run and resume and not is_output(out, "run"):   # else it trains into a user's (or a world's) files
+        raise UserError(f"--out {out} is not an lmschool run (it has no {RUN_MARKER}), so there is nothing to "
+                        "--resume; choose another --out")
     check_writable(out)
     path = out
     if has_run and force:
