@@ -92,7 +92,12 @@ class FunctionJudge(Judge):
     def __call__(self, prompts, responses, **fields):
         if not responses:
             return [], []
-        values = self.function(prompts, responses)
+        try:
+            values = self.function(prompts, responses)
+        except Exception as e:   # the user's function failed: one line naming it, as for its answers
+            raise UserError(f"--scorer {self.name} raised {type(e).__name__}: {' '.join(str(e).split())[:120]}; "
+                            "it is called as function(prompts, responses) and must return one number "
+                            "per response") from None
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError):

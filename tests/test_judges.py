@@ -189,3 +189,16 @@ def test_as_judge_takes_a_teacher_or_a_function(world):
     judge = as_judge(word_count)
     assert isinstance(judge, FunctionJudge) and judge(["p"], ["a b c"]) == ([3.0], [None])
     assert as_judge(judge) is judge and isinstance(judge, Judge)
+
+
+def test_a_scorer_that_raises_is_one_line_naming_it():
+    """A user's scorer that raised (or took other arguments: json:dumps) was a traceback from
+    eval, label and ppo (bad-input matrix, issue 19)."""
+    def broken(prompts, responses):
+        raise RuntimeError("the scorer\nbroke")
+
+    with pytest.raises(UserError, match=r"--scorer my:broken raised RuntimeError: the scorer broke; it is called "
+                                        r"as function\(prompts, responses\)"):
+        FunctionJudge(broken, "my:broken")(["p"], ["r"])
+    with pytest.raises(UserError, match="--scorer json:dumps raised TypeError"):
+        FunctionJudge(load_function("json:dumps"), "json:dumps")(["p"], ["r"])
