@@ -268,6 +268,9 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
 
     # --- everything is checked before --out is touched ---
+    for flag, value in (("--scorer", args.scorer), ("--reference-answers", args.reference_answers)):
+        if value and not args.eval:   # it would be silently unused
+            raise UserError(f"{flag} is for judging the --eval answers; give --eval FILE too, or leave out {flag}")
     init, tokenizer = open_init(args.init)
     reference_dir = init
     if args.reference:

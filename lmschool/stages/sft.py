@@ -44,6 +44,7 @@ from lmschool.data.prompts import read_prompts
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
 from lmschool.data.text import check_data
 from lmschool.data.jsonl import read_jsonl
+from lmschool.errors import UserError
 from lmschool.evaluate import evaluate_generations, evaluate_sampled, judge_demonstrations
 from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
@@ -130,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
 
     # --- everything is checked before --out is touched ---
+    if args.scorer and not args.eval:   # it would be silently unused
+        raise UserError("--scorer judges the --eval answers; give --eval FILE too, or leave out --scorer")
     init, tokenizer = open_init(args.init)
     cfg.max_seq_len = max_length(cfg.max_seq_len, "max_seq_len", init)
     examples, stats = load_examples(args.data, tokenizer, cfg.max_seq_len, loss_on=cfg.loss_on,
