@@ -24,6 +24,7 @@ Three versions, one per source of judgement in the course (nanochat's `Task.rewa
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from itertools import groupby
 from pathlib import Path
@@ -215,6 +216,15 @@ def load_function(spec: str):
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"--scorer {spec}: module {module_name} has no function {function_name!r}")
+    try:   # before any work: a function that cannot take (prompts, responses) fails only when called
+        inspect.signature(function).bind([], [])
+    except TypeError:
+        shown = str(inspect.signature(function))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise UserError(f"--scorer {spec} takes {shown}; it must take "
+                        "(prompts, responses) and return one number per response") from None
+    except ValueError:   # no signature to read (some built-ins): it is called as it is
+        pass
     return function
 
 

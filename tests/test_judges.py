@@ -192,13 +192,18 @@ def test_as_judge_takes_a_teacher_or_a_function(world):
 
 
 def test_a_scorer_that_raises_is_one_line_naming_it():
-    """A user's scorer that raised (or took other arguments: json:dumps) was a traceback from
-    eval, label and ppo (bad-input matrix, issue 19)."""
+    """A user's scorer that raised was a traceback from eval, label and ppo (bad-input matrix,
+    issue 19)."""
     def broken(prompts, responses):
         raise RuntimeError("the scorer\nbroke")
 
     with pytest.raises(UserError, match=r"--scorer my:broken raised RuntimeError: the scorer broke; it is called "
                                         r"as function\(prompts, responses\)"):
         FunctionJudge(broken, "my:broken")(["p"], ["r"])
-    with pytest.raises(UserError, match="--scorer json:dumps raised TypeError"):
-        FunctionJudge(load_function("json:dumps"), "json:dumps")(["p"], ["r"])
+
+
+def test_a_scorer_that_cannot_take_prompts_and_responses_is_refused_before_any_work():
+    """json:dumps failed only at its first call, after ppo had opened --out (bad-input matrix)."""
+    with pytest.raises(UserError, match=r"--scorer json:dumps takes \(obj, \*, .*\.\.\.; it must take \(prompts, responses\)"):
+        load_function("json:dumps")
+    assert callable(load_function("lmschool.world.teacher:reward"))
