@@ -105,8 +105,8 @@ def check_output_file(path: Path, force: bool, flag: str = "--out") -> None:
 
 def check_writable(path: Path, flag: str = "--out") -> None:
     """Before any long work: `path` (a file or directory) can be made or written, as its nearest
-    existing ancestor (itself, if it exists) is a writable directory and not a file."""
-    parent = path if path.exists() else path.parent
+    existing ancestor (itself, if it is a directory) is a writable directory and not a file."""
+    parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():

@@ -118,3 +118,5 @@ def test_check_writable_names_a_file_in_the_way(tmp_path):
         check_output_file(tmp_path / "afile" / "x.jsonl", force=False, flag="--answers")
     check_writable(tmp_path / "new" / "dir")
     check_writable(tmp_path)
+    check_writable(tmp_path / "afile")                             # an existing file may be replaced
+    check_output_file(tmp_path / "afile", force=True)
