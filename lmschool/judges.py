@@ -199,7 +199,14 @@ def school_teacher(*paths):
     from lmschool.world.teacher import Teacher, default_teacher
 
     found = world_file(*paths)
-    return Teacher.from_file(found) if found is not None else default_teacher()
+    if found is None:
+        return default_teacher()
+    try:
+        return Teacher.from_file(found)
+    except UserError as e:   # a world without its keys is named without its file: name it
+        if str(found) in str(e):
+            raise
+        raise UserError(f"{found}: {e}") from None
 
 
 def load_function(spec: str):

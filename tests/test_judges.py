@@ -207,3 +207,13 @@ def test_a_scorer_that_cannot_take_prompts_and_responses_is_refused_before_any_w
     with pytest.raises(UserError, match=r"--scorer json:dumps takes \(obj, \*, .*\.\.\.; it must take \(prompts, responses\)"):
         load_function("json:dumps")
     assert callable(load_function("lmschool.world.teacher:reward"))
+
+
+def test_a_world_without_its_keys_is_named_by_its_file(tmp_path):
+    """The teacher's error for a world.json without 'pupils' did not say which file (bad-input matrix)."""
+    from lmschool.judges import school_teacher
+
+    (tmp_path / "world.json").write_text('{"seed": 0}')
+    (tmp_path / "eval.jsonl").write_text("")
+    with pytest.raises(UserError, match=f"{tmp_path / 'world.json'}: a world needs 'pupils'"):
+        school_teacher(tmp_path / "eval.jsonl")
