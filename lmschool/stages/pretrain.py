@@ -33,7 +33,7 @@ from lmschool.data.text import check_data
 from lmschool.evaluate import lm_loss_and_bpb
 from lmschool.files import atomic_write_text
 from lmschool.generate import generate
-from lmschool.judges import world_file
+from lmschool.judges import school_teacher, world_file
 from lmschool.losses.lm import lm_loss
 from lmschool.model import ModelConfig, build_model
 from lmschool.runtime import autocast
@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(PretrainConfig, args)
     check_data(args.data)  # every file readable, UTF-8 and non-empty, before --out is touched
+    # the school world beside the corpus, for the closing fact probes: a damaged one stops here
+    world = school_teacher(*args.data).world if world_file(*args.data) else None
     torch.manual_seed(cfg.seed)
     init_model = None
     if args.init:   # a missing or damaged --init stops here, before --out is opened
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             "samples": sample_continuations(model, tokenizer, val_tokens, cfg),
         }
         with torch.no_grad(), autocast(trainer.device, trainer.precision):
-            summary.update(school_world_probes(model, tokenizer, args.data))
+            summary.update(school_world_probes(model, tokenizer, world))
         write_chat_answers(out, args.data)
         finish_run(run, summary)
         print(f"pretrain: val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits per byte, "
@@ -193,13 +195,10 @@ def sample_continuations(model, tokenizer, val_tokens: np.ndarray, cfg: Pretrain
             for p, t in zip(prompts, out.tokens)]
 
 
-def school_world_probes(model, tokenizer, data_paths: list[Path]) -> dict:
-    """Greedy fact completion ("<pupil> lives in" -> town) when the corpus is a school world's."""
-    found = world_file(*data_paths)
-    if found is None:
-        return {}
-    world = json.loads(found.read_text())
-    return fact_completion(model, tokenizer, world)
+def school_world_probes(model, tokenizer, world: dict | None) -> dict:
+    """Greedy fact completion ("<pupil> lives in" -> town) when the corpus is a school world's
+    (`world`: the world.json beside it, read and checked before training; None: none)."""
+    return fact_completion(model, tokenizer, world) if world is not None else {}
 
 
 # ---- the fact-completion probe: does the pre-trained model complete facts it has read? ----------
