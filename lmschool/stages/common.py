@@ -4,10 +4,10 @@
 
 The preamble, in the order a stage calls it: before --out is touched, `open_init` (the policy
 checkpoint to start from and its chat tokenizer) and `max_length` (the longest sequence: the
-config key, or --init's context, never more); then `open_run` (--out: new, resumed or replaced),
-`check_same_data` (a resumed run reads the data it started with, as RUN/data.json records;
-`write_data_info` writes that file) and, once the model is loaded, `check_vocab` (every token id
-has a row in the model's embedding).
+config key, or --init's context, never more), the data, the models (loading one is its last
+check) and `check_vocab` (every token id has a row in the model's embedding); then `open_run`
+(--out: new, resumed or replaced) and `check_same_data` (a resumed run reads the data it started
+with, as RUN/data.json records; `write_data_info` writes that file).
 
 A run directory that already holds a run is never silently overwritten: `--resume` continues it
 from its latest checkpoint, `--force` replaces it; otherwise the command stops before any work.
