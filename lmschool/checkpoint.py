@@ -156,9 +156,13 @@ def resolve(path: str | Path) -> Path:
 def read_config(path: str | Path) -> dict:
     path = resolve(path)
     try:
-        return json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):   # every reader calls .get on it
+        raise UserError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object of "
+                        "model settings; restore the checkpoint's config.json")
+    return config
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -220,6 +224,10 @@ def load_model(path: str | Path, head: str | None = None, *, new_head: bool = Fa
         if k in expected and expected[k].shape != v.shape:
             raise UserError(f"{path}: tensor {k} has shape {tuple(v.shape)}, config says "
                             f"{tuple(expected[k].shape)}")
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:   # NaN weights answer NaN scores and empty answers, with exit 0
+        raise UserError(f"{path}: its weights are not finite ({bad}); the run that wrote it diverged: "
+                        "use an earlier checkpoint of it")
     model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
     return model.to(device=device, dtype=dtype)
 

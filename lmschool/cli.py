@@ -46,9 +46,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line, as every other user error is (argparse prints
+    the whole usage above it); the line says where the usage is. Sub-commands' parsers are of
+    this class too (add_subparsers makes its parsers of the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None, argparse.ArgumentParser | None]:
     """The `lmschool` parser, the module of the command argv names (or None) and its own parser."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmschool",
         description="Train a chat model in three stages: pre-training, SFT, learning from feedback.",
     )

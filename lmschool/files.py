@@ -58,6 +58,12 @@ def check_replaceable(path: Path, kind: str, flag: str = "--out") -> None:
                         f"--force replaces only one lmschool wrote: choose another {flag}")
 
 
+def is_output(path: Path, kind: str) -> bool:
+    """Whether `path` holds the entry that marks an lmschool `kind` directory (its other entries
+    aside: a user's notes in a run keep it a run)."""
+    return any((path / m).exists() for m in OUTPUTS[kind][1])
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path` that replaces `path` only when the block finishes.
@@ -94,11 +100,19 @@ def check_output_file(path: Path, force: bool, flag: str = "--out") -> None:
         raise UserError(f"{flag} {path} is a directory; give a file name")
     if path.exists() and not force:
         raise UserError(f"{flag} {path} exists; pass --force to replace it or choose another name")
-    parent = path.parent
+    check_writable(path, flag)
+
+
+def check_writable(path: Path, flag: str = "--out") -> None:
+    """Before any long work: `path` (a file or directory) can be made or written, as its nearest
+    existing ancestor (itself, if it is a directory) is a writable directory and not a file."""
+    parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: {parent} is not a writable directory")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable")
 
 
 # ---- replacing a directory: build the new one beside it, swap it in at the end ------------------
@@ -154,7 +168,7 @@ def clean_leftovers(path: Path, inside: tuple[str, ...] = ()) -> list[str]:
     note = recover(path)
     if note:
         notes.append(note)
-    if not any((path / m).exists() for m in OUTPUTS["run"][1]):
+    if not is_output(path, "run"):
         return notes
     for directory in (path, *(path / d for d in inside)):
         for entry in sorted(directory.glob(".*.tmp-*")) if directory.is_dir() else []:

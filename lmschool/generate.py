@@ -45,6 +45,7 @@ Shapes: B batch, P longest prompt, N max new tokens, S keys so far, V vocabulary
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -72,8 +73,8 @@ class SamplingConfig:
     """Seed of the sampling generator; null uses torch's global RNG."""
 
     def __post_init__(self):
-        check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
-        check(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1 (no new tokens is no answer)")
+        check(0 <= self.temperature < math.inf, "temperature", "must be a number >= 0 (0 = greedy)")
         check(self.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
         check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1] (1.0 = off)")
 

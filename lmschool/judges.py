@@ -24,6 +24,7 @@ Three versions, one per source of judgement in the course (nanochat's `Task.rewa
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from itertools import groupby
 from pathlib import Path
@@ -92,7 +93,12 @@ class FunctionJudge(Judge):
     def __call__(self, prompts, responses, **fields):
         if not responses:
             return [], []
-        values = self.function(prompts, responses)
+        try:
+            values = self.function(prompts, responses)
+        except Exception as e:   # the user's function failed: one line naming it, as for its answers
+            raise UserError(f"--scorer {self.name} raised {type(e).__name__}: {' '.join(str(e).split())[:120]}; "
+                            "it is called as function(prompts, responses) and must return one number "
+                            "per response") from None
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError):
@@ -193,7 +199,14 @@ def school_teacher(*paths):
     from lmschool.world.teacher import Teacher, default_teacher
 
     found = world_file(*paths)
-    return Teacher.from_file(found) if found is not None else default_teacher()
+    if found is None:
+        return default_teacher()
+    try:
+        return Teacher.from_file(found)
+    except UserError as e:   # a world without its keys is named without its file: name it
+        if str(found) in str(e):
+            raise
+        raise UserError(f"{found}: {e}") from None
 
 
 def load_function(spec: str):
@@ -210,6 +223,15 @@ def load_function(spec: str):
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"--scorer {spec}: module {module_name} has no function {function_name!r}")
+    try:   # before any work: a function that cannot take (prompts, responses) fails only when called
+        inspect.signature(function).bind([], [])
+    except TypeError:
+        shown = str(inspect.signature(function))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise UserError(f"--scorer {spec} takes {shown}; it must take "
+                        "(prompts, responses) and return one number per response") from None
+    except ValueError:   # no signature to read (some built-ins): it is called as it is
+        pass
     return function
 
 

@@ -131,3 +131,32 @@ def test_resuming_with_another_model_shape_is_one_clear_error(runs, tmp_path):
     cfg = TrainConfig(max_steps=16, batch_size=4, save_every=4, device="cpu", threads=1, precision="fp32")
     with pytest.raises(UserError, match="holds a model of another shape .*RUN/config.yaml"):
         fit(build_model(wider, seed=0), DATA, lm_loss, cfg, run, resume=True, desc="t")
+
+
+
+def test_a_model_with_non_finite_weights_is_one_clear_error(runs, tmp_path):
+    """Found by the bad-input matrix (issue 19): a NaN model whose manifest agrees loaded, and
+    `lmschool score` printed nan with exit 0."""
+    from lmschool.checkpoint import write_manifest
+
+    model = tmp_path / "model"
+    shutil.copytree(runs / "full" / "model", model)
+    nan_weights(model)
+    (model / MANIFEST).unlink()
+    write_manifest(model)
+    with pytest.raises(UserError, match="its weights are not finite .*use an earlier checkpoint"):
+        load_model(model)
+
+
+def test_a_config_that_is_not_an_object_is_one_clear_error(runs, tmp_path):
+    """A config.json holding a list was an AttributeError deep in the kind check (bad-input matrix)."""
+    from lmschool.checkpoint import checkpoint_kind
+
+    model = tmp_path / "model"
+    shutil.copytree(runs / "full" / "model", model)
+    (model / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="config.json holds a JSON list, not an object"):
+        checkpoint_kind(model)
+    (model / "config.json").write_bytes(b'{"hidden_size": "\\xff"}')
+    with pytest.raises(UserError, match="config.json is not valid JSON"):
+        checkpoint_kind(model)

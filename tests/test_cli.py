@@ -47,3 +47,20 @@ def test_bytes_that_are_not_utf8_are_one_line_and_exit_2(capsys):
     assert main(["score", "runs/reward", "--prompt", "hi", "--response", bad]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "0xe9" in err and "not UTF-8" in err and "Traceback" not in err
+
+
+def test_a_bad_argument_is_one_line_naming_the_help(capsys):
+    """argparse printed its usage above the error (2-4 lines); the bad-input matrix (issue 19)
+    counted 60 such cases. Sub-commands' parsers (`tokenizer train`) share the one-line error."""
+    import pytest
+
+    for argv, words in ((["world"], "required: --out"),
+                        (["world", "--out", "w", "--seed", "abc"], "invalid int value: 'abc'"),
+                        (["score", "r", "--prompt", "p", "--response", "x", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+                        (["tokenizer", "train", "--data", "a", "--out"], "--out: expected one argument"),
+                        (["tokenizer", "fit"], "invalid choice: 'fit'")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and words in err and "usage:" not in err, err
+        assert err.startswith(f"lmschool {argv[0]}") and err.rstrip().endswith("--help`")

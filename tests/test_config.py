@@ -45,3 +45,13 @@ def test_every_field_is_documented():
     lines = config.describe(PretrainConfig)
     undocumented = [line for line in lines if line.endswith(": ")]
     assert not undocumented, undocumented
+
+
+@pytest.mark.parametrize("text, line", [("lr: [1, 2\nmax_steps: 3\n", 2), ("max_steps:\t\t2\n", 1)])
+def test_bad_yaml_is_one_line_naming_the_line(tmp_path, text, line):
+    """PyYAML's message is several lines quoting the text; the error is one line, file:line."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(PretrainConfig, path)
+    assert "\n" not in str(e.value) and f"{path}:{line} is not valid YAML" in str(e.value)

@@ -102,3 +102,21 @@ def test_clean_leftovers_touches_only_this_output(tmp_path):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000010"]
     user = make(tmp_path / "mine", ".draft.tmp-1")   # not an lmschool run: nothing inside is touched
     assert clean_leftovers(user) == [] and (user / ".draft.tmp-1").exists()
+
+
+def test_check_writable_names_a_file_in_the_way(tmp_path):
+    """`--out afile/out` where afile is a file: the walk up to an existing parent stopped at the
+    file, os.access said yes, and `tokenizer train` ended in a FileExistsError after training
+    (bad-input matrix, issue 19)."""
+    from lmschool.files import check_output_file, check_writable
+
+    (tmp_path / "afile").write_text("a user's file\n")
+    for path in (tmp_path / "afile" / "out", tmp_path / "afile" / "a" / "b"):
+        with pytest.raises(UserError, match="afile is a file, not a directory; choose another --out"):
+            check_writable(path)
+    with pytest.raises(UserError, match="afile is a file, not a directory; choose another --answers"):
+        check_output_file(tmp_path / "afile" / "x.jsonl", force=False, flag="--answers")
+    check_writable(tmp_path / "new" / "dir")
+    check_writable(tmp_path)
+    check_writable(tmp_path / "afile")                             # an existing file may be replaced
+    check_output_file(tmp_path / "afile", force=True)

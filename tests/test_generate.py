@@ -249,3 +249,12 @@ def test_command_errors(checkpoint, tmp_path, capsys):
     assert "reward model" in capsys.readouterr().err
     assert main(["generate", str(root / "policy"), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values, message", [({"max_new_tokens": 0}, "max_new_tokens': must be >= 1"),
+                                             ({"temperature": float("nan")}, "temperature': must be a number"),
+                                             ({"temperature": float("inf")}, "temperature': must be a number")])
+def test_sampling_refuses_no_tokens_and_a_temperature_that_is_not_a_number(values, message):
+    """`generate --max-new-tokens 0` printed an empty line with exit 0 (bad-input matrix, issue 19)."""
+    with pytest.raises(Exception, match=message):
+        SamplingConfig(**values)

@@ -189,3 +189,31 @@ def test_as_judge_takes_a_teacher_or_a_function(world):
     judge = as_judge(word_count)
     assert isinstance(judge, FunctionJudge) and judge(["p"], ["a b c"]) == ([3.0], [None])
     assert as_judge(judge) is judge and isinstance(judge, Judge)
+
+
+def test_a_scorer_that_raises_is_one_line_naming_it():
+    """A user's scorer that raised was a traceback from eval, label and ppo (bad-input matrix,
+    issue 19)."""
+    def broken(prompts, responses):
+        raise RuntimeError("the scorer\nbroke")
+
+    with pytest.raises(UserError, match=r"--scorer my:broken raised RuntimeError: the scorer broke; it is called "
+                                        r"as function\(prompts, responses\)"):
+        FunctionJudge(broken, "my:broken")(["p"], ["r"])
+
+
+def test_a_scorer_that_cannot_take_prompts_and_responses_is_refused_before_any_work():
+    """json:dumps failed only at its first call, after ppo had opened --out (bad-input matrix)."""
+    with pytest.raises(UserError, match=r"--scorer json:dumps takes \(obj, \*, .*\.\.\.; it must take \(prompts, responses\)"):
+        load_function("json:dumps")
+    assert callable(load_function("lmschool.world.teacher:reward"))
+
+
+def test_a_world_without_its_keys_is_named_by_its_file(tmp_path):
+    """The teacher's error for a world.json without 'pupils' did not say which file (bad-input matrix)."""
+    from lmschool.judges import school_teacher
+
+    (tmp_path / "world.json").write_text('{"seed": 0}')
+    (tmp_path / "eval.jsonl").write_text("")
+    with pytest.raises(UserError, match=f"{tmp_path / 'world.json'}: a world needs 'pupils'"):
+        school_teacher(tmp_path / "eval.jsonl")

@@ -70,3 +70,46 @@ def test_a_bad_init_with_force_changes_nothing(tmp_path, text_file, capsys):
     assert pretrain(text_file, run, "--force", "--init", str(tmp_path / "no-such-run")) == 2
     assert "does not exist" in capsys.readouterr().err
     assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["book.txt", "run"]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo", "ppo"])
+def test_a_damaged_init_writes_nothing(stage, world, tmp_path, capsys):
+    """Every stage loads --init's model before it opens --out: the bad-input matrix (issue 19)
+    found a damaged --init leaving a new --out behind (its marker, and for pre-training the
+    tokenised data), with the error after it."""
+    from lmschool.checkpoint import save_model
+    from lmschool.model import ModelConfig, build_model
+    from lmschool.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([], byte_level=True)
+    init = tmp_path / "init"
+    save_model(init, build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             max_position_embeddings=1024), seed=0), tok)
+    weights = init / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    data = {"pretrain": ["--data", str(world / "corpus.txt")], "sft": ["--data", str(world / "sft.jsonl")],
+            "reward": ["--data", str(world / "prefs.jsonl")], "dpo": ["--data", str(world / "prefs.jsonl")],
+            "ppo": ["--prompts", str(world / "prompts.jsonl"), "--scorer", "teacher"]}[stage]
+    out = tmp_path / "out"
+    assert main([stage, "--init", str(init), *data, "--out", str(out), "max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "init is damaged" in err[0], err
+    assert not out.exists()
+
+
+def test_resume_continues_only_an_lmschool_run(tmp_path, text_file, capsys):
+    """--resume on a directory lmschool did not start as a run (a world, a user's files) trained
+    into it, exit 0 (bad-input matrix, issue 19); a run with a user's note in it still resumes."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("three years of work")
+    assert pretrain(text_file, mine, "--resume") == 2
+    assert "is not an lmschool run (it has no .lmschool-run)" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    run = tmp_path / "run"
+    assert pretrain(text_file, run, "max_steps=3") == 0
+    (run / "notes.txt").write_text("my notes")
+    capsys.readouterr()
+    assert pretrain(text_file, run, "--resume") == 0
+    assert "is already finished" in capsys.readouterr().out and (run / "notes.txt").is_file()

@@ -270,3 +270,13 @@ def test_existing_run_is_not_overwritten(world, sft_run, tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     assert dpo(sft_run, world / "prefs.jsonl", out, "max_steps=1") == 2
     assert "already holds a run" in capsys.readouterr().err and (out / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("flag", ["--scorer", "--reference-answers"])
+def test_eval_options_without_eval_are_refused(flag, tmp_path, capsys):
+    """--scorer and --reference-answers serve --eval; without it they were silently unused
+    (bad-input matrix, issue 19)."""
+    assert dpo(tmp_path / "init", tmp_path / "p.jsonl", tmp_path / "run", flag, "x") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} is for judging the --eval answers" in err[0]
+    assert not (tmp_path / "run").exists()

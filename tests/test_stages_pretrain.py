@@ -89,3 +89,15 @@ def test_resume_with_other_text_is_refused(tmp_path, text_file, capsys):
     err = capsys.readouterr().err
     assert "training data differs" in err and str(out / "data.json") in err and str(other) in err
     assert main(["pretrain", "--data", str(text_file), "--out", str(out), "--resume", *TINY, "max_steps=4"]) == 0
+
+
+@pytest.mark.parametrize("world", [b'{"pupils": [', b"[]", b'{"a": "\xff"}', b'{"seed": 0}'])
+def test_a_damaged_world_beside_the_corpus_stops_before_training(tmp_path, text_file, capsys, world):
+    """world.json beside --data feeds the closing fact probes; damaged, it was a traceback after
+    the whole training, with --out written (bad-input matrix, issue 19)."""
+    (text_file.parent / "world.json").write_bytes(world)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(text_file), "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "world.json" in err[0] and "Traceback" not in err[0], err
+    assert not out.exists()

@@ -429,3 +429,12 @@ def test_replay_adds_windows_of_pretraining_text(ckpt, world, tmp_path, capsys):
     bad.write_bytes(b"fine\n\xff\n")
     sft(ckpt, world / "sft.jsonl", tmp_path / "other", "--replay", str(bad), expect=2)
     assert f"{bad}:2: not UTF-8" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_a_scorer_without_eval_is_refused(tmp_path, capsys):
+    """--scorer judges --eval's answers; without --eval it was silently unused (bad-input matrix)."""
+    assert main(["sft", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "d.jsonl"),
+                 "--out", str(tmp_path / "run"), "--scorer", "mypkg:score"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scorer judges the --eval answers; give --eval FILE too" in err[0]
+    assert not (tmp_path / "run").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -54,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from lmschool.tokenizer import Tokenizer
     from lmschool.runtime import autocast, pick_device, resolve_precision
 
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0:
-        raise UserError("--max-new-tokens and --batch-size must be >= 1 and --temperature >= 0")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or not 0 <= args.temperature < math.inf:   # nan too
+        raise UserError("--max-new-tokens and --batch-size must be >= 1 and --temperature a number >= 0")
     path = resolve(args.checkpoint)
     tokenizer = Tokenizer.load(path)
     check_chat_tokenizer(tokenizer, path)

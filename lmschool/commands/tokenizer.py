@@ -12,14 +12,13 @@ directory beside --out and renamed into place: --out is complete or untouched.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 from lmschool.data.text import check_data, iter_texts
 from lmschool.errors import UserError
-from lmschool.files import atomic_dir, check_replaceable, clean_leftovers
+from lmschool.files import atomic_dir, check_replaceable, check_writable, clean_leftovers
 from lmschool.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 
@@ -55,11 +54,7 @@ def prepare_out(out: Path, force: bool) -> None:
                         "or choose another directory")
     if out.is_dir() and any(out.iterdir()):
         check_replaceable(out, "tokenizer")   # --force replaces a tokenizer, never a user's files
-    parent = out if out.exists() else out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out}: {parent} is not writable")   # before the training, not after
+    check_writable(out)   # before the training, not after
 
 
 def run(args: argparse.Namespace) -> int:

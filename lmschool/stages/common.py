@@ -4,10 +4,10 @@
 
 The preamble, in the order a stage calls it: before --out is touched, `open_init` (the policy
 checkpoint to start from and its chat tokenizer) and `max_length` (the longest sequence: the
-config key, or --init's context, never more); then `open_run` (--out: new, resumed or replaced),
-`check_same_data` (a resumed run reads the data it started with, as RUN/data.json records;
-`write_data_info` writes that file) and, once the model is loaded, `check_vocab` (every token id
-has a row in the model's embedding).
+config key, or --init's context, never more), the data, the models (loading one is its last
+check) and `check_vocab` (every token id has a row in the model's embedding); then `open_run`
+(--out: new, resumed or replaced) and `check_same_data` (a resumed run reads the data it started
+with, as RUN/data.json records; `write_data_info` writes that file).
 
 A run directory that already holds a run is never silently overwritten: `--resume` continues it
 from its latest checkpoint, `--force` replaces it; otherwise the command stops before any work.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ from pathlib import Path
 from lmschool import config as config_lib
 from lmschool.checkpoint import check_kind, read_config, resolve
 from lmschool.errors import UserError
-from lmschool.files import RUN_MARKER, atomic_write_text, check_replaceable, clean_leftovers, staging_dir, swap_in
+from lmschool.files import (RUN_MARKER, atomic_write_text, check_replaceable, check_writable, clean_leftovers,
+                            is_output, staging_dir, swap_in)
 from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
 
 DATA_FILE = "data.json"
@@ -76,11 +76,10 @@ def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> RunDir:
     if has_run and not (resume or force):
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it, --force to "
                         f"replace it, or choose another directory")
-    parent = out.parent if not out.exists() else out
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out}: {parent} is not writable")
+    if has_run and resume and not is_output(out, "run"):   # else it trains into a user's (or a world's) files
+        raise UserError(f"--out {out} is not an lmschool run (it has no {RUN_MARKER}), so there is nothing to "
+                        "--resume; choose another --out")
+    check_writable(out)
     path = out
     if has_run and force:
         check_replaceable(out, "run")

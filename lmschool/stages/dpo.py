@@ -268,6 +268,9 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
 
     # --- everything is checked before --out is touched ---
+    for flag, value in (("--scorer", args.scorer), ("--reference-answers", args.reference_answers)):
+        if value and not args.eval:   # it would be silently unused
+            raise UserError(f"{flag} is for judging the --eval answers; give --eval FILE too, or leave out {flag}")
     init, tokenizer = open_init(args.init)
     reference_dir = init
     if args.reference:
@@ -298,6 +301,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.max_steps == 0:
         cfg.max_steps = math.ceil(cfg.epochs * per_epoch)
 
+    torch.manual_seed(cfg.seed)
+    policy = load_model(init, head="lm")   # a damaged --init or --reference stops here, before --out
+    reference = load_model(reference_dir, head="lm").requires_grad_(False)   # the SFT model: frozen
+    check_vocab(policy, tokenizer, f"--init {init}")
     run = open_run(args.out, args, dist, "dpo")
     if run.finished:
         return 0
@@ -305,10 +312,6 @@ def run(args: argparse.Namespace) -> int:
     data_info = {"data": str(args.data), "fingerprint": data.fingerprint(), "train_examples": len(train),
                  "test_examples": len(test)}
     check_same_data(out, data_info, resuming)
-    torch.manual_seed(cfg.seed)
-    policy = load_model(init, head="lm")
-    reference = load_model(reference_dir, head="lm").requires_grad_(False)   # the SFT model: frozen
-    check_vocab(policy, tokenizer, f"--init {init}")
     device = dist.device
     precision = resolve_precision(device, cfg.precision)
     reference.to(device).eval()

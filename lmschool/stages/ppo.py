@@ -535,6 +535,16 @@ def run(args: argparse.Namespace) -> int:
     teacher = (TeacherJudge(school_teacher(args.prompts, args.eval))
                if world_file(args.prompts, args.eval) or args.scorer == "teacher" else None)
 
+    # the models: a damaged --init or --reward stops here, before --out is opened
+    torch.manual_seed(cfg.seed)
+    policy = disable_dropout(load_model(init, head="lm")).to(device)
+    check_vocab(policy, tokenizer, f"--init {init}")
+    reference = disable_dropout(load_model(init, head="lm")).to(device).eval().requires_grad_(False)
+    critic = None
+    if cfg.advantage == "gae":
+        source = resolve(args.reward) if args.reward else init
+        critic = disable_dropout(load_model(source, head="score", new_head=not args.reward)).to(device)
+
     run = open_run(args.out, args, distributed.Dist(device=device), "ppo")
     if run.finished:
         return 0
@@ -544,14 +554,6 @@ def run(args: argparse.Namespace) -> int:
     save_resolved_config(cfg, out)
     write_data_info(out, data_info)
 
-    torch.manual_seed(cfg.seed)
-    policy = disable_dropout(load_model(init, head="lm")).to(device)
-    check_vocab(policy, tokenizer, f"--init {init}")
-    reference = disable_dropout(load_model(init, head="lm")).to(device).eval().requires_grad_(False)
-    critic = None
-    if cfg.advantage == "gae":
-        source = resolve(args.reward) if args.reward else init
-        critic = disable_dropout(load_model(source, head="score", new_head=not args.reward)).to(device)
     ptx = None
     if args.ptx:
         from lmschool.data.pretrain import TokenWindows, load_tokens, prepare

@@ -33,7 +33,7 @@ from lmschool.data.text import check_data
 from lmschool.evaluate import lm_loss_and_bpb
 from lmschool.files import atomic_write_text
 from lmschool.generate import generate
-from lmschool.judges import world_file
+from lmschool.judges import school_teacher, world_file
 from lmschool.losses.lm import lm_loss
 from lmschool.model import ModelConfig, build_model
 from lmschool.runtime import autocast
@@ -82,9 +82,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(PretrainConfig, args)
     check_data(args.data)  # every file readable, UTF-8 and non-empty, before --out is touched
-    if args.init:
-        args.init = resolve(args.init)   # a missing or bad --init stops here, not after --out is opened
+    # the school world beside the corpus, for the closing fact probes: a damaged one stops here
+    world = school_teacher(*args.data).world if world_file(*args.data) else None
+    torch.manual_seed(cfg.seed)
+    init_model = None
+    if args.init:   # a missing or damaged --init stops here, before --out is opened
+        args.init = resolve(args.init)
         check_kind(args.init, "policy", "--init")
+        init_model = load_model(args.init, head="lm")
+        if args.tokenizer is None:
+            Tokenizer.load(args.init)
     if args.tokenizer is not None:
         Tokenizer.load(args.tokenizer)
     timer = Timer()
@@ -95,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
     out, resuming = run.path, run.resuming
     data_info = {"data": [str(p) for p in args.data], "fingerprint": file_fingerprint(args.data)}
     check_same_data(out, data_info, resuming)  # a resumed run reads RUN/data, tokenised when it started
-    torch.manual_seed(cfg.seed)
 
     # --- tokenizer and data (rank 0 prepares, the others wait and read) ---
     tok_dir, data_dir = out / "tokenizer", out / "data"
@@ -109,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
 
     # --- model ---
-    if args.init:
-        model = load_model(args.init, head="lm")
+    if init_model is not None:
+        model = init_model
         check_vocab(model, tokenizer, f"--init {args.init}")
         cfg.model = model.config
     else:
@@ -155,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             "samples": sample_continuations(model, tokenizer, val_tokens, cfg),
         }
         with torch.no_grad(), autocast(trainer.device, trainer.precision):
-            summary.update(school_world_probes(model, tokenizer, args.data))
+            summary.update(school_world_probes(model, tokenizer, world))
         write_chat_answers(out, args.data)
         finish_run(run, summary)
         print(f"pretrain: val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits per byte, "
@@ -189,13 +195,10 @@ def sample_continuations(model, tokenizer, val_tokens: np.ndarray, cfg: Pretrain
             for p, t in zip(prompts, out.tokens)]
 
 
-def school_world_probes(model, tokenizer, data_paths: list[Path]) -> dict:
-    """Greedy fact completion ("<pupil> lives in" -> town) when the corpus is a school world's."""
-    found = world_file(*data_paths)
-    if found is None:
-        return {}
-    world = json.loads(found.read_text())
-    return fact_completion(model, tokenizer, world)
+def school_world_probes(model, tokenizer, world: dict | None) -> dict:
+    """Greedy fact completion ("<pupil> lives in" -> town) when the corpus is a school world's
+    (`world`: the world.json beside it, read and checked before training; None: none)."""
+    return fact_completion(model, tokenizer, world) if world is not None else {}
 
 
 # ---- the fact-completion probe: does the pre-trained model complete facts it has read? ----------

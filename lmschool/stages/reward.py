@@ -281,6 +281,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.max_steps == 0:
         cfg.max_steps = math.ceil(cfg.epochs * per_epoch)
 
+    torch.manual_seed(cfg.seed)
+    model = load_model(init, head="score", new_head=True)   # a damaged --init stops here, before --out
+    check_vocab(model, tokenizer, f"--init {init}")
     run = open_run(args.out, args, dist, "reward")
     if run.finished:
         return 0
@@ -288,9 +291,6 @@ def run(args: argparse.Namespace) -> int:
     data_info = {"data": str(args.data), "fingerprint": data.fingerprint(), "train_pairs": len(train),
                  "test_pairs": len(test), "test_split": split_how, "groups": len(data.groups)}
     check_same_data(out, data_info, resuming)
-    torch.manual_seed(cfg.seed)
-    model = load_model(init, head="score", new_head=True)
-    check_vocab(model, tokenizer, f"--init {init}")
     if dist.is_main:
         save_resolved_config(cfg, out)
         write_data_info(out, data_info)

@@ -44,6 +44,7 @@ from lmschool.data.prompts import read_prompts
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
 from lmschool.data.text import check_data
 from lmschool.data.jsonl import read_jsonl
+from lmschool.errors import UserError
 from lmschool.evaluate import evaluate_generations, evaluate_sampled, judge_demonstrations
 from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
@@ -130,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
 
     # --- everything is checked before --out is touched ---
+    if args.scorer and not args.eval:   # it would be silently unused
+        raise UserError("--scorer judges the --eval answers; give --eval FILE too, or leave out --scorer")
     init, tokenizer = open_init(args.init)
     cfg.max_seq_len = max_length(cfg.max_seq_len, "max_seq_len", init)
     examples, stats = load_examples(args.data, tokenizer, cfg.max_seq_len, loss_on=cfg.loss_on,
@@ -150,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.max_steps == 0:
         cfg.max_steps = math.ceil(cfg.epochs * per_epoch)
 
+    torch.manual_seed(cfg.seed)
+    model = load_model(init, head="lm")   # a damaged --init stops here, before --out is opened
+    check_vocab(model, tokenizer, f"--init {init}")
     run = open_run(args.out, args, dist, "sft")
     if run.finished:
         return 0
@@ -160,9 +166,6 @@ def run(args: argparse.Namespace) -> int:
     check_same_data(out, data_info, resuming, keys=("fingerprint", "replay"))
     if args.replay:
         data = WithReplay(data, replay_source(args.replay, tokenizer, out / "replay", cfg, dist, resuming))
-    torch.manual_seed(cfg.seed)
-    model = load_model(init, head="lm")
-    check_vocab(model, tokenizer, f"--init {init}")
     if dist.is_main:
         save_resolved_config(cfg, out)
         write_data_info(out, {**data_info, **vars(stats)})
