@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmschool.errors import UserError
-from lmschool.files import atomic_write_text
+from lmschool.files import atomic_write_text, check_writable
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEACHER = "teacher"  # lmschool ppo: the school world's teacher of the world.json beside --prompts
@@ -187,9 +187,15 @@ def split_overrides(items: list[str]) -> dict[str, list[str]]:
 
 
 def check_out(out: Path, preset: str) -> None:
-    """Report an unusable --out before any work: not a directory, not writable, disk too full."""
+    """Report an unusable --out before any work: not a directory (or under a file), not writable,
+    a directory that holds something other than a pipeline run, disk too full."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
+    check_writable(out)
+    if out.is_dir() and any(out.iterdir()) and not (
+            (out / "machine.json").is_file() or any((out / s.name).is_dir() for s in STAGES)):
+        raise UserError(f"--out {out} holds files that are not an `lmschool run` directory; choose an "
+                        "empty or new directory (a run's own directory holds machine.json and its stages)")
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -246,6 +252,24 @@ def pipeline_stages(preset: str, sweep: bool) -> list[Stage]:
     return [s for s in STAGES if sweep or preset == "tiny" or not s.extra] + (sweep_stages() if sweep else [])
 
 
+def check_configs(out: Path, preset: str, stages: list[Stage], per_stage: dict[str, list[str]]) -> None:
+    """Build every stage's config (its YAML file and the overrides `run` passes it) as the stage will,
+    so that a bad STAGE.key=value is one line before any stage runs or --from removes anything."""
+    from lmschool import config as config_lib
+    from lmschool.cli import build_parser, parse
+
+    for stage in stages:
+        argv = stage.argv(out, preset) + stage.overrides + per_stage.get(stage.group or stage.name, [])
+        parser, module, command_parser = build_parser(argv)
+        if getattr(module, "CONFIG", None) is None:
+            continue   # the world has no config
+        args = parse(parser, command_parser, argv)
+        try:
+            config_lib.load(module.CONFIG, args.config, args.overrides)
+        except UserError as e:
+            raise UserError(f"stage {stage.name}: {e}") from None
+
+
 def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: bool = False,
                overrides: list[str] = ()) -> int:
     """Run every stage not done yet (after removing from_stage and later ones), in order; return
@@ -254,9 +278,10 @@ def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: 
 
     per_stage = split_overrides(list(overrides))
     check_out(out, preset)
+    stages = pipeline_stages(preset, sweep)
+    check_configs(out, preset, stages, per_stage)   # a bad key=value stops here, before anything changes
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "machine.json", json.dumps(machine_info(), indent=2) + "\n")
-    stages = pipeline_stages(preset, sweep)
     if from_stage:
         for stage in STAGES[NAMES.index(from_stage):]:
             shutil.rmtree(stage.directory(out), ignore_errors=True)

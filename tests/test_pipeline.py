@@ -231,3 +231,32 @@ def test_the_default_run_has_dpo_and_ppo_and_the_sweep_adds_the_other_methods():
     assert swept[:10] == ["world", "pretrain", "sft", "label", "reward", "dpo", "ipo", "simpo", "ppo", "grpo"]
     assert all(n.startswith("sweep/") for n in swept[10:]) and len(swept) > 10
     assert [s.name for s in pipeline_stages("tiny", sweep=False)] == swept[:10]
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_a_bad_override_stops_run_before_anything_changes(tiny_run, tmp_path, capsys):
+    """Every stage's config is built with its overrides before a stage runs and before --from removes
+    a stage: a bad key=value is one line, and the finished run (or a fresh --out) is untouched."""
+    before = _tree(tiny_run)
+    assert main(["run", "--out", str(tiny_run), "--preset", "tiny", "--from", "sft", "dpo.beta=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "stage dpo" in err and "beta" in err and _tree(tiny_run) == before
+    fresh = tmp_path / "fresh"
+    assert main(["run", "--out", str(fresh), "--preset", "tiny", "ppo.max_stepz=3"]) == 2
+    assert "max_stepz" in capsys.readouterr().err and not fresh.exists()
+
+
+def test_run_refuses_an_out_that_is_not_a_run(tmp_path, capsys):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    assert main(["run", "--out", str(mine), "--preset", "tiny"]) == 2
+    assert "not an `lmschool run` directory" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["run", "--out", str(afile / "run"), "--preset", "tiny"]) == 2
+    assert "is a file" in capsys.readouterr().err

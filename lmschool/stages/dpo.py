@@ -140,6 +140,9 @@ class DPOConfig(TrainConfig):
                 "desirable_weight": self.desirable_weight, "undesirable_weight": self.undesirable_weight}
 
 
+CONFIG = DPOConfig  # what `lmschool run` checks every stage's overrides against before it starts
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", required=True, metavar="CKPT",
                         help="the SFT model: its run directory or a model directory (the policy starts here)")

@@ -104,6 +104,9 @@ class LabelConfig:
         check(self.threads >= 0, "threads", "must be >= 0")
 
 
+CONFIG = LabelConfig  # what `lmschool run` checks every stage's overrides against before it starts
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, metavar="CKPT", help="the policy that answers (e.g. the SFT run)")
     parser.add_argument("--prompts", type=Path, required=True, metavar="FILE",

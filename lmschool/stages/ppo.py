@@ -223,6 +223,9 @@ class PPOConfig(TrainConfig):
                 and self.advantage != "gae" and (self.kl_in_loss or self.kl_coef == 0))
 
 
+CONFIG = PPOConfig  # what `lmschool run` checks every stage's overrides against before it starts
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", required=True, metavar="CKPT",
                         help="the policy to start from (and the frozen reference): an SFT run or model directory")

@@ -71,6 +71,9 @@ class PretrainConfig(TrainConfig):
         check(self.vocab_size >= 260, "vocab_size", "must be >= 260 (256 bytes + 4 special tokens)")
 
 
+CONFIG = PretrainConfig  # what `lmschool run` checks every stage's overrides against before it starts
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, action="append", required=True, metavar="FILE",
                         help="UTF-8 text (documents separated by <|endoftext|> lines) or {\"text\"} JSONL; repeatable")

@@ -112,6 +112,9 @@ class RewardConfig(TrainConfig):
         check(self.bias_answers >= 0, "bias_answers", "must be >= 0")
 
 
+CONFIG = RewardConfig  # what `lmschool run` checks every stage's overrides against before it starts
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", required=True, metavar="CKPT",
                         help="the SFT policy to start from (run directory or HF Llama/Qwen2 directory)")

@@ -110,6 +110,9 @@ class SFTConfig(TrainConfig):
         check(self.eval_temperature >= 0, "eval_temperature", "must be >= 0")
 
 
+CONFIG = SFTConfig  # what `lmschool run` checks every stage's overrides against before it starts
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", required=True, metavar="CKPT",
                         help="the model to fine-tune: a pre-training run or a local HF Llama/Qwen2 directory")
