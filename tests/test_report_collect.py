@@ -160,3 +160,15 @@ def test_the_three_examples(run_dir):
     # no policy stage done: no examples
     (run_dir / "ppo" / "summary.json").unlink()
     assert feedback_examples(run_dir) == []
+
+
+def test_a_torn_last_line_is_skipped_and_a_damaged_one_named(tmp_path):
+    from lmschool.errors import UserError
+    from lmschool.report.collect import read_jsonl_rows
+    torn = tmp_path / "metrics.jsonl"
+    torn.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert read_jsonl_rows(torn) == [{"step": 1}, {"step": 2}]
+    damaged = tmp_path / "eval_answers.jsonl"
+    damaged.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(UserError, match="eval_answers.jsonl:2"):
+        read_jsonl_rows(damaged)

@@ -68,15 +68,19 @@ def read_json_object(path: Path) -> dict | None:
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:
-    """The JSON objects of a file, one a line; a torn line (a run killed mid-write) is skipped."""
+    """The JSON objects of a file, one a line. A torn last line (a run killed mid-write) is skipped;
+    a bad line anywhere else is a UserError naming file:line (the file was damaged, not cut short)."""
     if not path.is_file():
         return []
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                continue
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); rerun the stage that writes it") from None
         if isinstance(row, dict):
             rows.append(row)
     return rows
