@@ -395,15 +395,6 @@ class Teacher:
         }
         return [k for k in FLAWS if found[k]]
 
-    def judge_with_flaws(self, prompt, responses: list[str]) -> list[tuple[Score, list[str]]]:
-        """(score, flaws) of several responses to one prompt."""
-        q = self.read_prompt(prompt)
-        out = []
-        for r in responses:
-            sc = self._score(q, r)
-            out.append((sc, self._flaws(q, r, sc)))
-        return out
-
     # ---- the rater and the reward -------------------------------------------------------------
 
     def prefer(self, prompt, a: str, b: str, rng: random.Random,
