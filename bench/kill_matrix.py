@@ -90,13 +90,15 @@ def after_checkpoint(stage: str, seed: int) -> Point:
 
 
 def delay_into(stage: str, seed: int) -> Point:
-    """Kill a seeded delay after `stage` begins (its directory appears)."""
+    """Kill a seeded delay after `stage` begins: when the stage before it is done (the world: when
+    --out appears). A stage's own directory appears too late to tell (label's only at its end)."""
     delay = random.Random(seed).uniform(0.0, 1.0)
     p = Point(f"{stage} +{delay:.2f}s", seed)
+    before = ORDER[ORDER.index(stage) - 1] if stage != "world" else None
     begun = {}
 
     def trigger(out, t0):
-        if "t" not in begun and ((out / stage).exists() or any(out.glob(f".{stage}.tmp-*"))):
+        if "t" not in begun and (done(out, before) if before else out.exists()):
             begun["t"] = time.monotonic()
         return "t" in begun and time.monotonic() - begun["t"] >= delay
     p.trigger = trigger
