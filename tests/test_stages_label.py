@@ -170,3 +170,16 @@ def test_existing_output_and_bad_input_are_clear_errors(tok, policy, prompts, tm
     assert "--policy needs a policy" in capsys.readouterr().err
     assert label_cmd(policy, prompts, tmp_path / "z.jsonl", "--samples", "1") == 2
     assert "samples" in capsys.readouterr().err
+
+
+def test_a_kill_inside_a_write_leaves_nothing_after_the_rerun(policy, prompts, tmp_path, capsys):
+    """A kill while label writes prefs.summary.json leaves .prefs.summary.json.tmp-PID beside it (the
+    kill -9 matrix in bench/kill_matrix.py caught one): the next label, with --resume as `lmschool
+    run` passes it, removes it and labels again."""
+    out = tmp_path / "prefs.jsonl"
+    left = [tmp_path / ".prefs.summary.json.tmp-123", tmp_path / ".prefs.jsonl.tmp-456"]
+    for f in left:
+        f.write_text("{half")
+    assert label_cmd(policy, prompts, out, "--resume", "max_prompts=2") == 0
+    assert not any(f.exists() for f in left) and read_pairs(out)
+    assert "removed" in capsys.readouterr().out

@@ -52,7 +52,7 @@ from lmschool import config as config_lib
 from lmschool.checkpoint import load_model
 from lmschool.config import check
 from lmschool.errors import UserError
-from lmschool.files import atomic_write_text, check_output_file
+from lmschool.files import atomic_write_text, check_output_file, clean_leftovers
 
 
 @dataclass
@@ -282,6 +282,9 @@ def run(args: argparse.Namespace) -> int:
     for target in (out, summary_file):
         if target.is_dir():
             raise UserError(f"--out {out}: {target} is a directory; give a file name such as prefs.jsonl")
+    for target in (out, summary_file):   # what a write killed midway left beside them
+        for note in clean_leftovers(target):
+            print(f"label: {note}")
     if args.resume and out.is_file() and summary_file.is_file():
         print(f"label: {out} is already written ({summary_file}); nothing to do")
         return 0
