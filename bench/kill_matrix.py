@@ -297,7 +297,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="base seed of the kill points")
     ap.add_argument("--work", type=Path, default=Path("runs/kill_matrix"), help="where runs are written")
     args = ap.parse_args(argv)
+    marker = args.work / ".kill-matrix"   # --work is removed piece by piece: only a directory this script made
+    if args.work.is_dir() and any(args.work.iterdir()) and not marker.is_file():
+        ap.error(f"--work {args.work} holds files this script did not write; give a new or empty directory")
     args.work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     ref = args.work / "ref" / "run"
     if not (ref / "report.json").is_file():
         shutil.rmtree(ref.parent, ignore_errors=True)
