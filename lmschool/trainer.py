@@ -193,7 +193,8 @@ class Trainer:
         micro-batches add up to 1 over all processes). Returns the loss and metrics x weight."""
         with autocast(self.device, self.precision):
             loss, metrics = compute(batch)
-        (loss * weight * self.dist.world_size).backward()
+        scale = weight * self.dist.world_size
+        (loss * scale if scale != 1.0 else loss).backward()
         return loss.detach().float().item() * weight, {k: float(v) * weight for k, v in metrics.items()}
 
     def optimizer_step(self, groups: list[Group], loss: float) -> dict[str, float]:

@@ -42,3 +42,23 @@ def test_rng_state_round_trip():
     set_rng_state(state)
     again = (torch.rand(3), random.random(), np.random.rand(2))
     assert torch.equal(first[0], again[0]) and first[1] == again[1] and np.array_equal(first[2], again[2])
+
+
+def test_openmp_waiting(monkeypatch):
+    """A short spin on an idle machine, passive waiting on a busy one, and an explicit setting
+    left alone (lmschool._openmp_waiting runs at import, before torch loads OpenMP)."""
+    import os
+
+    import lmschool
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    env = {}
+    lmschool._openmp_waiting(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "20000"}
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.9, 0.5))
+    env = {}
+    lmschool._openmp_waiting(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for theirs in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(theirs)
+        lmschool._openmp_waiting(env)
+        assert env == theirs

@@ -28,7 +28,9 @@ def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
                    segment_ids=batch.get("segment_ids"))                    # (B, T, V)
     labels = batch["labels"]
     n = (labels != IGNORE).sum().clamp(min=1)
-    loss = token_nll(logits, labels).sum() / n
+    V = logits.shape[-1]
+    loss = F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum") / n
     return loss, {}
 
 
