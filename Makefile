@@ -2,9 +2,8 @@
 # Both create .venv and install what they need. Override TORCH to pick another torch build,
 # e.g. `make test TORCH='torch==2.13.0 --index-url ...'`.
 # DEMO_ENV: the demo runs alone, so its OpenMP threads may spin briefly before they sleep (lmschool
-# otherwise sets OMP_WAIT_POLICY=PASSIVE, which keeps two jobs at once from slowing each other 5-36x
-# but costs a quiet machine ~40% of its decoding speed; bench/RESULTS.md). `make demo DEMO_ENV=`
-# to keep the passive default, e.g. with other heavy work running beside it.
+# chooses this itself when the machine is idle at start, PASSIVE otherwise; bench/RESULTS.md).
+# `make demo DEMO_ENV=` to let lmschool choose, e.g. with other heavy work running beside it.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 DEMO_ENV ?= GOMP_SPINCOUNT=20000

@@ -4,9 +4,10 @@
     .venv/bin/python bench/bench_generate.py --quick    # 1 repeat, no file written
     GOMP_SPINCOUNT=20000 .venv/bin/python bench/bench_generate.py --append   # a second table
 
-lmschool is imported before torch, so its OMP_WAIT_POLICY=PASSIVE default applies to both sides
-(sleeping OpenMP threads cost every small parallel region a wake-up; GOMP_SPINCOUNT=20000 lets
-them spin briefly first, which is what decoding needs; see RESULTS_generate.md).
+lmschool is imported before torch, so its OpenMP waiting applies to both sides (a short spin when
+the machine is idle at start, else OMP_WAIT_POLICY=PASSIVE: sleeping threads cost every small
+parallel region a wake-up; see lmschool/__init__.py and RESULTS_generate.md). Run it on a quiet
+machine; the table's header says which waiting it got.
 
 Model "L4-256" (vocab 4096, hidden 256, intermediate 688, 4 layers, 4 heads, tied embeddings),
 random weights, saved with `lmschool.checkpoint.save_model` and loaded from that directory by both
@@ -23,7 +24,7 @@ Rows:
 - lmschool compile_for_generation: `torch.compile` with inductor freezing (weights frozen and
   pre-packed, for a policy that no longer changes, e.g. `lmschool label`); compile time excluded
   (done in the warm-up run, reported below the table).
-- lmschool bf16 autocast: the same call under `torch.autocast("cpu", torch.bfloat16)`.
+- lmschool bf16 autocast (where the CPU runs bf16 fast): the same call under `torch.autocast("cpu", torch.bfloat16)`.
 - lmschool bf16 weights: a bf16 copy of the model (`model.to(torch.bfloat16)`), no autocast.
 """
 
@@ -48,13 +49,14 @@ import torch  # noqa: E402
 from lmschool.checkpoint import load_model, save_model  # noqa: E402
 from lmschool.generate import compile_for_generation, generate  # noqa: E402
 from lmschool.model import ModelConfig, build_model  # noqa: E402
+from lmschool.runtime import resolve_precision  # noqa: E402
 
 L4_256 = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                      num_attention_heads=4, tie_word_embeddings=True, max_position_embeddings=256)
 PROMPT_LEN, NEW_TOKENS = 64, 128
 COMMAND = ".venv/bin/python bench/bench_generate.py"
 NOTES = """Notes (from the runs that made this file):
-- `OMP_WAIT_POLICY=PASSIVE` (set by `import lmschool`) makes every parallel region wake sleeping
+- `OMP_WAIT_POLICY=PASSIVE` (lmschool's choice on a busy machine) makes every parallel region wake sleeping
   OpenMP threads. A decode step is ~25 small parallel regions, so both sides lose ~30% with it
   at batch 8, and our packed GEMMs at batch 1 lose more than the plain GEMV path.
   `GOMP_SPINCOUNT=20000` (spin ~tens of microseconds, then sleep) gives back the speed of the
@@ -132,9 +134,10 @@ def main() -> int:
         "lmschool generate, float32, unpacked weights": ours(model, pack_weights=False),
         "lmschool generate, float32": ours(model),
         "lmschool generate, float32, compile_for_generation": ours(compiled),
-        "lmschool generate, bf16 autocast": ours(model, autocast=True),
-        "lmschool generate, bf16 weights": ours(model_bf16),
     }
+    if resolve_precision(torch.device("cpu"), "auto") == "bf16":   # not on CPUs without fast bf16 (8x slower)
+        runs["lmschool generate, bf16 autocast"] = ours(model, autocast=True)
+        runs["lmschool generate, bf16 weights"] = ours(model_bf16)
     baseline = "transformers generate (dynamic cache), float32"
     warmup: dict[str, float] = {}
     load_before = os.getloadavg()[0]

@@ -242,6 +242,8 @@ class PackedLinears:
         weight = next(model.parameters())
         if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return None
+        if batch < 2:   # one row: the plain matrix-vector products are faster (bench/RESULTS_generate.md)
+            return None
         dtype = weight.dtype
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")

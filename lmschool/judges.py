@@ -150,15 +150,20 @@ class RewardModelJudge(Judge):
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, last_index: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Rewards (N,) of right-padded rows: input_ids (N, L), last_index (N,) each row's final
-        token; `batch_size` rows per forward."""
+        token; `batch_size` rows of alike length per forward, each cut to its longest row."""
         from lmschool.losses.reward import rewards_at
+        from lmschool.rollout import by_length
 
+        chunks, order = by_length(last_index, batch_size)
         out = []
-        for start in range(0, input_ids.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            scores = self.model(input_ids[rows])                                          # (n, L)
-            out.append(rewards_at(scores, last_index[rows]) - self.bias)                  # (n,)
-        return torch.cat(out)
+        for rows in chunks:
+            rows = rows.to(input_ids.device)
+            ends = last_index[rows]                                                        # (n,)
+            scores = self.model(input_ids[rows, :int(ends.max()) + 1])                     # (n, L')
+            out.append(rewards_at(scores, ends) - self.bias)                               # (n,)
+        result = torch.empty(input_ids.shape[0], dtype=out[0].dtype, device=out[0].device)
+        result[order.to(result.device)] = torch.cat(out)
+        return result
 
     def rollout_scores(self, prompts, responses, input_ids, last_index, batch_size):
         return self.score_ids(input_ids, last_index, batch_size)

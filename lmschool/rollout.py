@@ -99,19 +99,27 @@ def response_values(critic, batch: Rollout) -> torch.Tensor:
     return critic(batch.input_ids).float().gather(1, batch.positions)                   # (N, R)
 
 
-def row_chunks(n: int, size: int) -> list[torch.Tensor]:
-    """Row indices 0..n-1 in consecutive chunks of `size`."""
-    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+def by_length(lengths: torch.Tensor, chunk: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Row chunks of `chunk` rows of alike length (rows sorted by `lengths` (N,), stable), so each
+    chunk, trimmed to its longest row, carries little padding; and the order, to put results back
+    (`out[order] = results in chunk order`)."""
+    order = torch.argsort(lengths.cpu(), stable=True)
+    return [order[i:i + chunk] for i in range(0, order.numel(), chunk)], order
 
 
 @torch.no_grad()
 def in_chunks(fn, batch: Rollout, chunk: int) -> list[torch.Tensor]:
-    """fn over row chunks of `batch` (memory: a chunk's logits at a time), its (n, r) outputs
-    padded back to (N, R) and returned as a list (one per output of fn)."""
-    parts = [fn(batch.rows(rows)) for rows in row_chunks(batch.size, chunk)]
+    """fn over chunks of `chunk` rows of `batch` (memory: a chunk's logits at a time), its (n, r)
+    outputs padded back to (N, R), in the rows' order, and returned as a list (one per output of
+    fn). Rows of alike length go together: the same numbers with less padding to compute."""
+    chunks, order = by_length(batch.last_index, chunk)
+    parts = [fn(batch.rows(rows.to(batch.input_ids.device))) for rows in chunks]
     R = batch.tokens.shape[1]
     out = []
     for k in range(len(parts[0]) if isinstance(parts[0], tuple) else 1):
         pieces = [p[k] if isinstance(p, tuple) else p for p in parts]
-        out.append(torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in pieces]))
+        sorted_rows = torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in pieces])
+        result = torch.empty_like(sorted_rows)
+        result[order.to(result.device)] = sorted_rows
+        out.append(result)
     return out
