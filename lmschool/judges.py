@@ -240,17 +240,26 @@ def load_function(spec: str):
     return function
 
 
+# Two answers a --scorer is tried on before any work (a judge that returns one score, words, NaN or
+# raises is found before the sampling and before --out is opened, not after).
+PROBE_ANSWERS = ("I don't know.", "Yes, that is right.")
+
+
 def make_judge(scorer: str | None = None, reward=None, *, beside=(), tokenizer=None, device="cpu",
-               batch_size: int = 64, policy_name: str = "--init") -> Judge:
+               batch_size: int = 64, policy_name: str = "--init", probe=None) -> Judge:
     """The judge a command line names: --reward RM (a RewardModelJudge checked against the policy's
     `tokenizer`, which `policy_name` names in errors; `batch_size` rows per forward), else --scorer
     module:function, else (no --scorer, or "teacher") the teacher of the school world beside the
-    files `beside` (see school_teacher)."""
+    files `beside` (see school_teacher). A --scorer is called once on `probe` (the command's first
+    prompt, as its data gives it) with PROBE_ANSWERS, so a bad one stops the command at once."""
     if reward is not None:
         return RewardModelJudge(reward, tokenizer, device, policy_name=policy_name, batch_size=batch_size)
     if scorer is None or scorer == "teacher":
         return TeacherJudge(school_teacher(*beside))
-    return FunctionJudge(load_function(scorer), scorer)
+    judge = FunctionJudge(load_function(scorer), scorer)
+    if probe is not None:
+        judge([probe] * len(PROBE_ANSWERS), list(PROBE_ANSWERS))
+    return judge
 
 
 def as_judge(judge) -> Judge:

@@ -280,6 +280,9 @@ def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: 
     check_out(out, preset)
     stages = pipeline_stages(preset, sweep)
     check_configs(out, preset, stages, per_stage)   # a bad key=value stops here, before anything changes
+    if from_stage != "world" and (out / "world" / "world.json").is_file():
+        from lmschool.judges import school_teacher
+        school_teacher(out / "world" / "world.json")   # a damaged world: one line, before --from removes a stage
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "machine.json", json.dumps(machine_info(), indent=2) + "\n")
     if from_stage:

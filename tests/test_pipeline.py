@@ -128,6 +128,21 @@ def test_from_redoes_the_stage_and_times_it_afresh(tiny_run):
         {k: v for k, v in old.items() if k != "grpo"}
 
 
+def test_a_damaged_world_stops_from_before_it_removes_a_stage(tiny_run, capsys):
+    """--from dpo on a run whose world.json was damaged: one line naming the file, and dpo and the
+    later stages are still there (they were removed first, then pre-training found the damage)."""
+    world = tiny_run / "world" / "world.json"
+    text = world.read_text()
+    before = {s: (tiny_run / s / "summary.json").stat().st_mtime_ns for s in CHECKPOINTS}
+    world.write_text(text[:len(text) // 2])
+    try:
+        assert main(["run", "--out", str(tiny_run), "--preset", "tiny", "--from", "dpo"]) == 2
+        assert str(world) in capsys.readouterr().err
+        assert {s: (tiny_run / s / "summary.json").stat().st_mtime_ns for s in CHECKPOINTS} == before
+    finally:
+        world.write_text(text)
+
+
 def test_bad_override_names_the_stage_format(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "x"), "--preset", "tiny", "max_steps=3"]) == 2
     assert "STAGE.key=value" in capsys.readouterr().err

@@ -27,6 +27,11 @@ def length_score(prompts, responses):
     return [float(len(r) % 5) for r in responses]
 
 
+def one_score(prompts, responses):
+    """A broken test scorer: one score, whatever the number of responses."""
+    return [1.0]
+
+
 @pytest.fixture(scope="module")
 def tok():
     return train_tokenizer([], byte_level=True)
@@ -170,6 +175,12 @@ def test_existing_output_and_bad_input_are_clear_errors(tok, policy, prompts, tm
     assert "--policy needs a policy" in capsys.readouterr().err
     assert label_cmd(policy, prompts, tmp_path / "z.jsonl", "--samples", "1") == 2
     assert "samples" in capsys.readouterr().err
+    # a scorer that answers badly is found on two probe answers, before any sampling
+    assert label_cmd(policy, prompts, tmp_path / "w.jsonl", "--scorer", "test_stages_label:one_score") == 2
+    said = capsys.readouterr()
+    assert said.err == "lmschool label: error: --scorer test_stages_label:one_score returned 1 scores for 2 responses\n"
+    assert said.out == ""
+    assert not (tmp_path / "w.jsonl").exists()
 
 
 def test_a_kill_inside_a_write_leaves_nothing_after_the_rerun(policy, prompts, tmp_path, capsys):

@@ -264,11 +264,13 @@ def test_reward_model_with_another_tokenizer_is_refused(tok, ckpt, prompts, tmp_
     ("no_such_module:f", "cannot import module"),
     ("toy_scorer:missing", "has no function"),
     ("toy_scorer:not_numbers", "must return one number per response"),
-    ("toy_scorer:too_few", "returned 1 scores for 8 responses"),
+    ("toy_scorer:too_few", "returned 1 scores for 2 responses"),
 ])
 def test_bad_scorer_is_a_clear_error(ckpt, prompts, scorer, tmp_path, capsys, spec, message):
+    """A scorer that cannot be imported, or answers two probe answers badly, stops PPO before
+    --out is opened (not in the first rollout, leaving a run directory behind)."""
     ppo(ckpt, prompts, tmp_path / "run", "max_steps=1", reward=("--scorer", spec), expect=2)
-    assert message in capsys.readouterr().err
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_prompts_longer_than_the_context_are_left_out_and_none_fitting_is_refused(ckpt, scorer, tmp_path, capsys):

@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     rows = read_prompts(args.prompts)
     if cfg.max_prompts:
         rows = rows[:cfg.max_prompts]
-    judge = make_judge(args.scorer, beside=[args.prompts])
+    judge = make_judge(args.scorer, beside=[args.prompts], probe=rows[0]["prompt"])
     temperature = cfg.rater_temperature
     if temperature is None:
         temperature = 0.0 if args.scorer not in (None, "teacher") else RATER_TEMPERATURE

@@ -534,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
     # the reward (checks --reward's kind and tokenizer, --scorer's import), and the teacher that
     # judges the rollouts too when the school world is known
     reward = make_judge(args.scorer, args.reward, beside=[args.prompts], tokenizer=tokenizer, device=device,
-                        batch_size=cfg.eval_batch_size)
+                        batch_size=cfg.eval_batch_size, probe=prompts[0]["prompt"])
     teacher = (TeacherJudge(school_teacher(args.prompts, args.eval))
                if world_file(args.prompts, args.eval) or args.scorer == "teacher" else None)
 
