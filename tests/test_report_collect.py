@@ -162,12 +162,16 @@ def test_the_three_examples(run_dir):
     assert feedback_examples(run_dir) == []
 
 
-def test_a_torn_last_line_is_skipped_and_a_damaged_one_named(tmp_path):
+def test_a_torn_last_line_is_skipped_and_a_damaged_one_named(tmp_path, capsys):
+    """A torn last line (a run killed mid-write) is skipped with one line naming it; a bad line
+    elsewhere is an error naming file:line."""
     from lmschool.errors import UserError
     from lmschool.report.collect import read_jsonl_rows
     torn = tmp_path / "metrics.jsonl"
     torn.write_text('{"step": 1}\n{"step": 2}\n{"st')
     assert read_jsonl_rows(torn) == [{"step": 1}, {"step": 2}]
+    assert capsys.readouterr().err == (f"lmschool report: skipped {torn}:3, a torn last line (the run was "
+                                       "killed while writing it)\n")
     damaged = tmp_path / "eval_answers.jsonl"
     damaged.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
     with pytest.raises(UserError, match="eval_answers.jsonl:2"):

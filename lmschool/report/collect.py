@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 from lmschool.data.prompts import pick_prompts, prompt_key
@@ -79,6 +80,8 @@ def read_jsonl_rows(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             if number == len(lines):
+                print(f"lmschool report: skipped {path}:{number}, a torn last line (the run was killed "
+                      "while writing it)", file=sys.stderr)
                 continue
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); rerun the stage that writes it") from None
         if isinstance(row, dict):
