@@ -2,7 +2,7 @@
 through `lmschool.cli.main` in-process, a sample also as a real subprocess, and a table of how
 each was handled.
 
-    nice -n 19 .venv/bin/python bench/bad_inputs.py [--markdown] [--only CMD[,CMD]] [--base DIR]
+    nice -n 19 .venv/bin/python bench/bad_inputs.py [--markdown] [--only CMD[,CMD]] [--match TEXT] [--base DIR]
 
 It first builds, in a temporary directory, what the cases need: `lmschool run --preset tiny` (a
 tiny world and every stage's tiny checkpoint, about 20 s to 2 min), then damaged copies of its
@@ -19,6 +19,12 @@ and mtimes before and after each case), and whether a failed case left new files
 A case is clean when it failed with exit 2 and one line, no traceback, nothing damaged or written.
 
 --base DIR reuses a finished `lmschool run --preset tiny` in DIR (faster while developing).
+--match TEXT runs only the cases whose "command / description" holds TEXT.
+
+The "--out in a read-only directory" cases need a directory the command cannot write into. Root
+writes into a chmod 0o555 directory anyway, but not into a read-only file system: as root the
+matrix mounts a small read-only tmpfs there (and unmounts it after the case); where it cannot
+mount one, the case says "(root writes anyway)".
 """
 
 from __future__ import annotations
@@ -446,8 +452,7 @@ def cases_for(tmp: Path, run: Path, files: dict, ckpts: dict) -> list[Case]:
         return setup
 
     def ro_dir(work: Path) -> None:
-        (work / "ro").mkdir(parents=True)
-        (work / "ro").chmod(0o555)
+        make_read_only_dir(work / "ro")
 
     stage_runs = {"pretrain": run / "pretrain", "sft": run / "sft", "reward": run / "reward", "dpo": run / "dpo",
                   "ppo": run / "ppo"}
@@ -457,7 +462,7 @@ def cases_for(tmp: Path, run: Path, files: dict, ckpts: dict) -> list[Case]:
         add(command, "--out is a user's directory", argv, user_dir)
         add(command, "--out is a user's directory, --force", argv + ["--force"], user_dir)
         add(command, "--out's parent is a file", replace(argv, "--out", f"{W}/afile/out"), make_file("afile"))
-        add(command, "--out in a read-only directory (root writes anyway)", replace(argv, "--out", f"{W}/ro/out"),
+        add(command, f"--out in a read-only directory{READ_ONLY_NOTE()}", replace(argv, "--out", f"{W}/ro/out"),
             ro_dir)
         existing = {"world": run / "world", "tokenizer": run / "pretrain" / "tokenizer"}.get(command) or stage_runs[command]
         add(command, "--out holds a finished output, no --force", argv, copied(existing, "out"))
@@ -686,13 +691,53 @@ def run_in_process(case: Case, work: Path, tmp: Path) -> Result:
         os.environ.clear()
         os.environ.update(env)
         torch.set_num_threads(threads)
-        for p in (work / "ro",):
-            if p.exists():
-                p.chmod(0o755)
     stderr = err.getvalue()
     return Result(case, status, stderr, exception=exception, lines=count_lines(case.command, stderr),
                   traceback=bool(exception) or "Traceback (most recent call last)" in stderr,
                   seconds=time.time() - t0)
+
+
+def read_only_mount_works() -> bool:
+    """Whether this process can mount a read-only tmpfs: root writes into a chmod 0o555 directory
+    anyway, but not into a read-only file system, so as root the read-only cases use one."""
+    if not hasattr(read_only_mount_works, "answer"):
+        answer = False
+        if os.geteuid() == 0 and shutil.which("mount"):
+            probe = Path(tempfile.mkdtemp(prefix="ro-probe-"))
+            try:
+                answer = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(probe)],
+                                        capture_output=True).returncode == 0
+                if answer:
+                    answer = not os.access(probe, os.W_OK)
+                    subprocess.run(["umount", str(probe)], capture_output=True)
+            finally:
+                probe.rmdir() if not os.path.ismount(probe) else None
+        read_only_mount_works.answer = answer
+    return read_only_mount_works.answer
+
+
+def READ_ONLY_NOTE() -> str:   # noqa: N802  (a case description's tail)
+    return " (root writes anyway)" if os.geteuid() == 0 and not read_only_mount_works() else ""
+
+
+def make_read_only_dir(path: Path) -> None:
+    """A directory nobody may write into: a read-only tmpfs as root (where it can be mounted), else
+    chmod 0o555."""
+    path.mkdir(parents=True)
+    if os.geteuid() == 0 and read_only_mount_works():
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], check=True,
+                       capture_output=True)
+    else:
+        path.chmod(0o555)
+
+
+def release_read_only_dir(work: Path) -> None:
+    """Undo make_read_only_dir in a case's directory (before it is removed)."""
+    ro = work / "ro"
+    if os.path.ismount(ro):
+        subprocess.run(["umount", str(ro)], capture_output=True)
+    if ro.exists():
+        ro.chmod(0o755)
 
 
 def run_subprocess(case: Case, work: Path, tmp: Path, scorers: Path) -> dict:
@@ -733,7 +778,9 @@ def run_case(i: int, case: Case, tmp: Path, scorers: Path) -> Result:
         sub_first = (result.sub["stderr"].strip().splitlines() or [""])[-1].replace(str(sub), "W")
         result.sub["same"] = result.sub["traceback"] == result.traceback and (result.traceback or (
             result.sub["status"] == result.status and result.sub["lines"] == result.lines and first == sub_first))
+        release_read_only_dir(sub)
         shutil.rmtree(sub, ignore_errors=True)
+    release_read_only_dir(work)
     shutil.rmtree(work, ignore_errors=True)  # the case's own directory: what it wrote is judged already
     return result
 
@@ -797,6 +844,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--only", help="comma-separated commands to run the cases of")
+    parser.add_argument("--match", help='only the cases whose "command / description" holds this text')
     parser.add_argument("--base", type=Path, help="a finished `lmschool run --preset tiny` to copy instead of running one")
     parser.add_argument("--json", type=Path, help="also write every case's result here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -815,6 +863,8 @@ def main() -> int:
         if args.only:
             wanted = set(args.only.split(","))
             cases = [c for c in cases if c.command in wanted]
+        if args.match:
+            cases = [c for c in cases if args.match in f"{c.command} / {c.name}"]
         pick_subprocess_sample(cases)
         results = []
         for i, case in enumerate(cases):
