@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmschool.errors import UserError
-from lmschool.files import atomic_dir
+from lmschool.files import atomic_dir, ordinary_file
 from lmschool.hf import from_hf_config, to_hf_config
 from lmschool.model import Transformer, init_weights
 
@@ -44,6 +44,7 @@ def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict_for_save().items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    ordinary_file(directory / "model.safetensors")   # safetensors writes it 0600: readable like its neighbours
     ids, stop = {}, []
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -101,8 +102,11 @@ def manifest_problem(directory: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != entry.get("bytes"):
             return f"{name} has {file.stat().st_size} bytes where {entry.get('bytes')} were written"
-        if _sha256(file) != entry.get("sha256"):
-            return f"{name} is not the file that was written (its checksum differs)"
+        try:
+            if _sha256(file) != entry.get("sha256"):
+                return f"{name} is not the file that was written (its checksum differs)"
+        except OSError as e:   # e.g. no permission to read it
+            return f"{name} cannot be read ({e.strerror or e})"
     return None
 
 

@@ -85,6 +85,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
+def ordinary_file(path: str | os.PathLike) -> None:
+    """Give `path` the mode a newly created file gets here (0o666 less the umask), as a library that
+    writes its files private (0600) would not."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to a temporary file beside `path`, then rename it into place."""
     path = Path(path)

@@ -124,6 +124,20 @@ def test_non_finite_weights_are_never_written(tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "step-00000005").exists() and not (tmp_path / "model").exists()
 
 
+def test_saved_files_are_as_readable_as_any_new_file(tmp_path):
+    """model.safetensors (which safetensors writes 0600) gets the mode every other file of the
+    checkpoint gets, 0o666 less the umask (0o644 with umask 022): another user can load it."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        save_model(tmp_path / "model", build_model(CFG, seed=0))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
 def test_resuming_with_another_model_shape_is_one_clear_error(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs / "part", run)
