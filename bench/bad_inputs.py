@@ -17,6 +17,9 @@ whether a traceback or an uncaught exception appeared, whether the bad input was
 whether anything that existed before changed or went (damaged: the temporary tree's paths, sizes
 and mtimes before and after each case), and whether a failed case left new files behind (wrote).
 A case is clean when it failed with exit 2 and one line, no traceback, nothing damaged or written.
+A few cases are not bad input but a state a command must work through, such as the torn last line
+of metrics.jsonl that a run killed mid-write leaves: clean is then exit 0, no traceback, nothing
+damaged, and one stderr line saying so (the case's `note`).
 
 --base DIR reuses a finished `lmschool run --preset tiny` in DIR (faster while developing).
 --match TEXT runs only the cases whose "command / description" holds TEXT.
@@ -62,6 +65,8 @@ class Case:
     stdin: str = "hello\n"
     subprocess: bool = False                         # also run as a real process
     output: tuple[str, ...] = ()                     # paths ("{W}/...") it may rewrite when it succeeds
+    note: str = ""                                   # not bad input: a state to work through (exit 0)
+                                                     # with one stderr line that holds this text
 
     def resolved(self, work: Path) -> list[str]:
         return [a.replace("{W}", str(work)) for a in self.argv]
@@ -81,21 +86,25 @@ class Result:
     sub: dict | None = None
 
     @property
-    def accepted(self) -> bool:
-        return self.status == 0
+    def accepted(self) -> bool:   # a bad input taken as good (a note case is meant to succeed)
+        return self.status == 0 and not self.case.note
 
     @property
     def not_one_line(self) -> bool:
         return not self.accepted and not self.traceback and self.lines != 1
 
     @property
-    def exit_not_2(self) -> bool:
-        return not self.accepted and not self.traceback and self.status != 2
+    def exit_not_2(self) -> bool:   # for a note case: its exit is not 0
+        return not self.accepted and not self.traceback and self.status != (0 if self.case.note else 2)
+
+    @property
+    def no_note(self) -> bool:
+        return bool(self.case.note) and self.case.note not in self.stderr
 
     @property
     def clean(self) -> bool:
         return not (self.accepted or self.traceback or self.not_one_line or self.exit_not_2 or self.damaged
-                    or self.wrote)
+                    or self.wrote or self.no_note)
 
     def why(self) -> str:
         parts = []
@@ -107,6 +116,8 @@ class Result:
             parts.append(f"{self.lines} stderr lines")
         if self.exit_not_2:
             parts.append(f"exit {self.status}")
+        if self.no_note:
+            parts.append(f"no line saying {self.case.note!r}")
         if self.damaged:
             parts.append("damaged " + ", ".join(self.damaged[:3]))
         if self.wrote:
@@ -331,9 +342,9 @@ def cases_for(tmp: Path, run: Path, files: dict, ckpts: dict) -> list[Case]:
     }
     cases: list[Case] = []
 
-    def add(command: str, name: str, argv: list[str], setup=None, stdin: str = "hello\n") -> None:
+    def add(command: str, name: str, argv: list[str], setup=None, stdin: str = "hello\n", note: str = "") -> None:
         output = (f"{W}/run/report", f"{W}/run/plots") if command == "report" else ()
-        cases.append(Case(command, name, argv, setup, stdin, output=output))
+        cases.append(Case(command, name, argv, setup, stdin, output=output, note=note))
 
     def replace(argv: list[str], flag: str, value: str | None) -> list[str]:
         """argv with `flag`'s value replaced (value None: the flag and its value left out)."""
@@ -576,14 +587,25 @@ def cases_for(tmp: Path, run: Path, files: dict, ckpts: dict) -> list[Case]:
         damaged_run(lambda r: (r / "sft" / "summary.json").write_text("[]")))
     add("report", "a stage's summary.json not UTF-8", base["report"],
         damaged_run(lambda r: (r / "dpo" / "summary.json").write_bytes(b'{"a": "\xff"}')))
-    add("report", "metrics.jsonl with a bad line", base["report"],
-        damaged_run(lambda r: (r / "pretrain" / "metrics.jsonl").open("a").write('{"step": \n')))
+    def bad_line_inside(path: Path) -> None:   # a line that is not JSON before the last good one
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines[:-1]) + '{"step": \n' + lines[-1])
+
+    add("report", "metrics.jsonl with a bad line inside", base["report"],
+        damaged_run(lambda r: bad_line_inside(r / "pretrain" / "metrics.jsonl")))
+    # not bad input: a run killed while writing a line leaves it torn; the report is made without it
+    add("report", "metrics.jsonl with a torn last line (a kill)", base["report"],
+        damaged_run(lambda r: (r / "pretrain" / "metrics.jsonl").open("a").write('{"step": ')),
+        note="torn last line")
     add("report", "timings.json not JSON", base["report"],
         damaged_run(lambda r: (r / "timings.json").write_text("{")))
     add("report", "machine.json a list", base["report"],
         damaged_run(lambda r: (r / "machine.json").write_text("[]")))
-    add("report", "eval_answers.jsonl with a bad line", base["report"],
-        damaged_run(lambda r: (r / "ppo" / "eval_answers.jsonl").write_text('{"prompt": \n')))
+    add("report", "eval_answers.jsonl with a bad line inside", base["report"],
+        damaged_run(lambda r: bad_line_inside(r / "ppo" / "eval_answers.jsonl")))
+    add("report", "eval_answers.jsonl with a torn last line (a kill)", base["report"],
+        damaged_run(lambda r: (r / "ppo" / "eval_answers.jsonl").open("a").write('{"prompt": ')),
+        note="torn last line")
     add("report", "world.json not JSON", base["report"],
         damaged_run(lambda r: (r / "world" / "world.json").write_text("{")))
     add("report", "report.md is a directory", base["report"],
@@ -762,11 +784,11 @@ def run_case(i: int, case: Case, tmp: Path, scorers: Path) -> Result:
     before = snapshot(tmp)
     result = run_in_process(case, work, tmp)
     damaged, added = compare(before, snapshot(tmp))
-    if result.accepted:   # what a command that succeeded was meant to rewrite is not damage
+    if result.status == 0:   # what a command that succeeded was meant to rewrite is not damage
         mine = tuple(os.path.relpath(p.replace("{W}", str(work)), tmp) for p in case.output)
         damaged = [p for p in damaged if not p.startswith(mine)] if mine else damaged
     result.damaged = damaged
-    if not result.accepted:
+    if result.status != 0:
         result.wrote = added
     if case.subprocess:
         sub = tmp / "cases" / f"{i:03d}-sub"

@@ -68,6 +68,9 @@ def read_json_object(path: Path) -> dict | None:
     return value
 
 
+_SAID_TORN: set[tuple[Path, int]] = set()
+
+
 def read_jsonl_rows(path: Path) -> list[dict]:
     """The JSON objects of a file, one a line. A torn last line (a run killed mid-write) is skipped;
     a bad line anywhere else is a UserError naming file:line (the file was damaged, not cut short)."""
@@ -80,8 +83,10 @@ def read_jsonl_rows(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             if number == len(lines):
-                print(f"lmschool report: skipped {path}:{number}, a torn last line (the run was killed "
-                      "while writing it)", file=sys.stderr)
+                if (path, number) not in _SAID_TORN:   # said once, however often the file is read
+                    _SAID_TORN.add((path, number))
+                    print(f"lmschool report: skipped {path}:{number}, a torn last line (the run was killed "
+                          "while writing it)", file=sys.stderr)
                 continue
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); rerun the stage that writes it") from None
         if isinstance(row, dict):
