@@ -2,12 +2,14 @@
 
 Design choices:
 - Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
-  saved `model.safetensors` loads into `LlamaForCausalLM` / `Qwen2ForCausalLM` as it is, and a
-  local HF Llama or Qwen2 checkpoint loads here as it is.
+  saved `model.safetensors` loads into `LlamaForCausalLM` / `MistralForCausalLM` /
+  `Qwen2ForCausalLM` / `Qwen3ForCausalLM` (the config's `model_type`) as it is, and a local HF
+  checkpoint of those families loads here as it is.
 - RMSNorm (computed in float32), RoPE in HF's rotate-half convention (with Llama-3 frequency
   scaling when the checkpoint asks for it), SwiGLU MLP, grouped-query attention through
   `F.scaled_dot_product_attention` (`enable_gqa`), tied or untied embeddings, optional q/k/v bias
-  (Qwen2) or bias on all four projections (Llama's `attention_bias`).
+  (Qwen2) or bias on all four projections (Llama's `attention_bias`), optional RMSNorm of each
+  head's queries and keys (Qwen3's q_norm / k_norm).
 - Two heads: `lm_head` (vocabulary logits) for policies, `score` (one scalar per position) for
   reward models and critics, saved as `LlamaForSequenceClassification` with `num_labels: 1`.
 - Attention is causal by default (the fast path); right padding needs no mask. The model builds
@@ -31,6 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmschool.config import check
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # the Hugging Face model types lmschool reads and writes
 
 
 @dataclass
@@ -67,6 +72,13 @@ class ModelConfig:
     """Bias on q, k, v only (Qwen2); saved as a Qwen2 checkpoint."""
     mlp_bias: bool = False
     """Bias on the MLP projections (Llama's mlp_bias)."""
+    qk_norm: bool = False
+    """RMSNorm of each head's queries and keys before RoPE (Qwen3; set by model_type qwen3)."""
+    model_type: str = "llama"
+    """The Hugging Face family the model is saved as: llama, mistral, qwen2 (q/k/v bias) or qwen3 (q/k norm)."""
+    sliding_window: int | None = None
+    """A Mistral checkpoint's attention window, kept to save it back; lmschool caps
+    max_position_embeddings at it, so every sequence fits the window and attention is exact."""
     initializer_range: float = 0.02
     """Standard deviation of the normal init of weights."""
     dropout: float = 0.0
@@ -87,6 +99,23 @@ class ModelConfig:
         check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         check(not (self.qkv_bias and self.attention_bias), "model.qkv_bias",
               "use either qkv_bias (Qwen2) or attention_bias (Llama), not both")
+        if self.qkv_bias and self.model_type == "llama":
+            self.model_type = "qwen2"          # q/k/v bias is Qwen2's (configs written before model_type)
+        if self.model_type == "qwen3":
+            self.qk_norm = True
+        check(self.model_type in FAMILIES, "model.model_type",
+              f"{self.model_type!r} is not a supported family ({', '.join(FAMILIES)})")
+        check(self.qkv_bias == (self.model_type == "qwen2"), "model.qkv_bias",
+              "q/k/v bias is Qwen2's: set it exactly when model_type is qwen2")
+        check(self.qk_norm == (self.model_type == "qwen3"), "model.qk_norm",
+              "q/k norm is Qwen3's: set model_type qwen3 for it")
+        check(self.model_type in ("llama", "qwen3") or not self.attention_bias, "model.attention_bias",
+              f"{self.model_type} has no bias on all four attention projections")
+        check(self.model_type == "llama" or not self.mlp_bias, "model.mlp_bias",
+              f"{self.model_type} has no MLP bias")
+        check(self.sliding_window is None or self.sliding_window >= self.max_position_embeddings,
+              "model.sliding_window", "must be >= max_position_embeddings (lmschool keeps sequences "
+              "within the window)")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             check(kind in ("default", "llama3"), "model.rope_scaling",
@@ -100,7 +129,7 @@ class ModelConfig:
         """Parameter count (tied embeddings counted once)."""
         C, D, L = self.hidden_size, self.dim_head, self.num_hidden_layers
         H, K, V, F_ = self.num_attention_heads, self.num_key_value_heads, self.vocab_size, self.intermediate_size
-        attn = C * H * D * 2 + C * K * D * 2
+        attn = C * H * D * 2 + C * K * D * 2 + (2 * D if self.qk_norm else 0)
         per_layer = attn + 3 * C * F_ + 2 * C
         emb = V * C
         out = 0 if head != "lm" or self.tie_word_embeddings else V * C
@@ -199,12 +228,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * D, C, bias=cfg.attention_bias)
         self.n_head, self.n_kv, self.head_dim, self.layer_idx = H, K, D, layer_idx
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:   # Qwen3: each head's queries and keys normalised before RoPE
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, K, T, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)                    # (B, T, K, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, K, T, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                 # (B, H|K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                               # (B, K, S, D)

@@ -24,7 +24,12 @@ VARIANTS = {
     "untied-gqa": dict(tie_word_embeddings=False, num_key_value_heads=2),
     "qwen2-qkv-bias-gqa": dict(qkv_bias=True, num_key_value_heads=1, tie_word_embeddings=False),
     "llama-attention-bias": dict(attention_bias=True, mlp_bias=True),
+    "qwen3-qk-norm-gqa": dict(model_type="qwen3", num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
+    "qwen3-attention-bias": dict(model_type="qwen3", attention_bias=True, tie_word_embeddings=False),
+    "mistral-gqa": dict(model_type="mistral", num_key_value_heads=2, tie_word_embeddings=False),
 }
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 
 def _randomise_biases(model):
@@ -51,8 +56,7 @@ def test_our_checkpoint_loads_in_transformers(tmp_path, variant):
     _randomise_biases(model)
     save_model(tmp_path / "ckpt", model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
-    expected_arch = "Qwen2ForCausalLM" if VARIANTS[variant].get("qkv_bias") else "LlamaForCausalLM"
-    assert type(hf).__name__ == expected_arch
+    assert type(hf).__name__ == ARCHITECTURES[model.config.model_type]
     x = torch.randint(0, 97, (3, 20))
     with torch.no_grad():
         ours, theirs = model(x), hf(x).logits
@@ -78,6 +82,11 @@ def test_transformers_checkpoint_loads_in_lmschool(tmp_path, variant):
     if kw.get("qkv_bias"):
         hf_cfg = transformers.Qwen2Config(**common)
         hf = transformers.Qwen2ForCausalLM(hf_cfg)
+    elif kw.get("model_type") == "qwen3":
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            **common, head_dim=kw.get("head_dim", 16), attention_bias=kw.get("attention_bias", False)))
+    elif kw.get("model_type") == "mistral":
+        hf = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=None))
     else:
         hf_cfg = transformers.LlamaConfig(**common, attention_bias=kw.get("attention_bias", False),
                                           mlp_bias=kw.get("mlp_bias", False))
@@ -85,7 +94,24 @@ def test_transformers_checkpoint_loads_in_lmschool(tmp_path, variant):
     _randomise_biases(hf)
     hf.eval().save_pretrained(tmp_path / "hf")
     model = load_model(tmp_path / "hf").eval()
+    assert model.config.model_type == (kw.get("model_type") or ("qwen2" if kw.get("qkv_bias") else "llama"))
     x = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
+    save_model(tmp_path / "again", model)   # saved back as the same family
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")).__name__ == type(hf).__name__
+
+
+def test_mistral_with_a_sliding_window_is_exact_inside_it(tmp_path):
+    """A Mistral checkpoint with a 16-token window over 64 positions loads with its context capped
+    at 16: within the window, the window changes nothing and the logits are transformers'."""
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=16)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_model(tmp_path / "hf").eval()
+    assert (model.config.max_position_embeddings, model.config.sliding_window) == (16, 16)
+    x = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         assert (model(x) - hf(x).logits).abs().max().item() <= 1e-4
 
