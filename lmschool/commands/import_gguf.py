@@ -7,7 +7,7 @@ The directory is what every lmschool command and `transformers` load: `model.saf
 (weights dequantised to --dtype), `config.json` (lmschool's ModelConfig through `to_hf_config`),
 `tokenizer.json` and `tokenizer_config.json` (the file's tokenizer and its own chat template),
 `generation_config.json` and a checksummed `manifest.json`. The reading and converting are pure
-functions in lmschool/gguf_import.py; this command checks --out, converts everything in memory
+functions in lmschool/gguf.py; this command checks --out, converts everything in memory
 (so a bad file fails before anything is written) and writes the directory atomically. Module
 name: `import` is a Python keyword.
 """
@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from lmschool.checkpoint import write_manifest
 from lmschool.errors import UserError
 from lmschool.files import atomic_dir, check_replaceable, check_writable, clean_leftovers, ordinary_file
-from lmschool.gguf_import import build_tokenizer, model_config, open_gguf, read_metadata, state_dict
+from lmschool.gguf import build_tokenizer, model_config, open_gguf, read_metadata, state_dict
 from lmschool.hf import to_hf_config
 from lmschool.tokenizer import Tokenizer
 

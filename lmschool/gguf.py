@@ -6,7 +6,8 @@
     tensors = state_dict(reader, cfg, torch.float32, path)     # HF names, dequantised
     backend, tok_config = build_tokenizer(meta, path)           # tokenizer.json + tokenizer_config.json
 
-`lmschool import` (lmschool/commands/import_gguf.py) writes them. Design choices:
+`lmschool import` (lmschool/commands/import_gguf.py) writes them. (`import gguf` here is the
+`gguf` package from PyPI: imports are absolute.) Design choices:
 - **The `gguf` package reads the file and dequantises** (`gguf.quants.dequantize`, numpy); every
   type it can dequantise imports, and one it cannot is a UserError naming the tensor and its type.
   Everything is dequantised in memory before anything is written.
@@ -66,7 +67,8 @@ def open_gguf(path: Path):
     except ImportError:
         raise UserError("importing a GGUF file needs the `gguf` package: pip install 'lmschool[gguf]'") from None
     if not path.is_file():
-        raise UserError(f"{path}: no such file; give the path of a .gguf model file")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"{path} {problem}; give the path of a .gguf model file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
