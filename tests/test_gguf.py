@@ -177,3 +177,77 @@ def test_an_occupied_out_needs_force_and_force_replaces_only_a_model(tmp_path, c
     assert len(err) == 1 and "notes.txt" in err[0]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     prepare_out(imported, force=True)    # a directory lmschool imported may be replaced
+
+
+# ---- a tiny random Llama written as GGUF here: an untied head, --dtype bfloat16 --------------------
+
+def write_tiny_llama(path, hf_state: dict, cfg) -> None:
+    """`hf_state` (HF names, fp32) as a GGUF file the way llama.cpp's converter lays it out: q/k
+    rows of each head reordered so that HF row j * D/2 + i becomes row 2i + j."""
+    D = cfg.hidden_size // cfg.num_attention_heads
+    names = {v: k for k, v in {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                               "output": "lm_head"}.items()}
+    layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [chr(ord("a") + i) for i in range(cfg.vocab_size - 3)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges([])
+    writer.add_eos_token_id(2)
+    for name, w in hf_state.items():
+        stem = name.removesuffix(".weight")
+        if stem.startswith("model.layers."):
+            n, rest = stem[len("model.layers."):].split(".", 1)
+            gguf_name = f"blk.{n}.{layer[rest]}"
+        else:
+            gguf_name = names[stem]
+        if stem.endswith(("q_proj", "k_proj")):
+            heads = w.shape[0] // D
+            w = w.view(heads, 2, D // 2, -1).transpose(1, 2).reshape(w.shape)   # HF -> llama.cpp rows
+        writer.add_tensor(f"{gguf_name}.weight", w.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_tiny_untied_llama_imports_in_bfloat16(tmp_path):
+    from safetensors.torch import load_file
+
+    from lmschool.checkpoint import load_model
+    from lmschool.model import ModelConfig, build_model
+    cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, rope_theta=10000.0)
+    original = build_model(cfg, seed=0)
+    hf_state = {k: v.detach().clone() for k, v in original.state_dict_for_save().items()}
+    write_tiny_llama(tmp_path / "tiny.gguf", hf_state, cfg)
+    out = tmp_path / "tiny"
+    assert main(["import", str(tmp_path / "tiny.gguf"), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["torch_dtype"] == "bfloat16"
+    tensors = load_file(str(out / "model.safetensors"))
+    assert set(tensors) == set(hf_state) and all(v.dtype == torch.bfloat16 for v in tensors.values())
+    for k, v in hf_state.items():      # q/k rows back in HF's order, values rounded to bf16 only
+        assert torch.equal(tensors[k], v.to(torch.bfloat16)), k
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf",
+                                                               dtype=torch.float32).eval()
+    ours = load_model(out).eval()    # bf16 weights, run in fp32: compare with transformers' fp32 reading
+    with torch.no_grad():
+        ref = theirs(ids).logits
+        assert (original(ids) - ref).abs().max().item() <= 1e-4
+        assert (ours(ids) - ref).abs().max().item() <= 0.05
