@@ -115,6 +115,21 @@ def check_output_file(path: Path, force: bool, flag: str = "--out") -> None:
     check_writable(path, flag)
 
 
+def check_output_dir(out: Path, kind: str, force: bool) -> None:
+    """Before any long work, for a command that writes one output directory of `kind` (OUTPUTS):
+    not a file; leftovers of a killed write removed; a non-empty one replaced only with --force
+    and only if it is such an output (never a user's files); writable."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory path")
+    clean_leftovers(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"--out {out} exists and is not empty; pass --force to replace it "
+                            "or choose another directory")
+        check_replaceable(out, kind)
+    check_writable(out)
+
+
 def check_writable(path: Path, flag: str = "--out") -> None:
     """Before any long work: `path` (a file or directory) can be made or written, as its nearest
     existing ancestor (itself, if it is a directory) is a writable directory and not a file."""

@@ -152,7 +152,7 @@ class RewardModelJudge(Judge):
         """Rewards (N,) of right-padded rows: input_ids (N, L), last_index (N,) each row's final
         token; `batch_size` rows of alike length per forward, each cut to its longest row."""
         from lmschool.losses.reward import rewards_at
-        from lmschool.rollout import by_length
+        from lmschool.rollout import by_length, unsort
 
         chunks, order = by_length(last_index, batch_size)
         out = []
@@ -161,9 +161,7 @@ class RewardModelJudge(Judge):
             ends = last_index[rows]                                                        # (n,)
             scores = self.model(input_ids[rows, :int(ends.max()) + 1])                     # (n, L')
             out.append(rewards_at(scores, ends) - self.bias)                               # (n,)
-        result = torch.empty(input_ids.shape[0], dtype=out[0].dtype, device=out[0].device)
-        result[order.to(result.device)] = torch.cat(out)
-        return result
+        return unsort(torch.cat(out), order)
 
     def rollout_scores(self, prompts, responses, input_ids, last_index, batch_size):
         return self.score_ids(input_ids, last_index, batch_size)

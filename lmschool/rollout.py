@@ -107,6 +107,13 @@ def by_length(lengths: torch.Tensor, chunk: int) -> tuple[list[torch.Tensor], to
     return [order[i:i + chunk] for i in range(0, order.numel(), chunk)], order
 
 
+def unsort(sorted_rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows computed in `by_length`'s order, put back in the original one."""
+    result = torch.empty_like(sorted_rows)
+    result[order.to(result.device)] = sorted_rows
+    return result
+
+
 @torch.no_grad()
 def in_chunks(fn, batch: Rollout, chunk: int) -> list[torch.Tensor]:
     """fn over chunks of `chunk` rows of `batch` (memory: a chunk's logits at a time), its (n, r)
@@ -118,8 +125,5 @@ def in_chunks(fn, batch: Rollout, chunk: int) -> list[torch.Tensor]:
     out = []
     for k in range(len(parts[0]) if isinstance(parts[0], tuple) else 1):
         pieces = [p[k] if isinstance(p, tuple) else p for p in parts]
-        sorted_rows = torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in pieces])
-        result = torch.empty_like(sorted_rows)
-        result[order.to(result.device)] = sorted_rows
-        out.append(result)
+        out.append(unsort(torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1])) for x in pieces]), order))
     return out

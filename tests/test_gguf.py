@@ -170,7 +170,7 @@ def test_a_bad_file_is_one_line_and_nothing_is_written(tmp_path, capsys, case):
 
 
 def test_an_occupied_out_needs_force_and_force_replaces_only_a_model(tmp_path, capsys, imported):
-    from lmschool.commands.import_gguf import prepare_out
+    from lmschool.files import check_output_dir
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine\n")
@@ -181,7 +181,7 @@ def test_an_occupied_out_needs_force_and_force_replaces_only_a_model(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "notes.txt" in err[0]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    prepare_out(imported, force=True)    # a directory lmschool imported may be replaced
+    check_output_dir(imported, "model", force=True)    # a directory lmschool imported may be replaced
 
 
 # ---- a tiny random Llama written as GGUF here: an untied head, --dtype bfloat16 --------------------

@@ -23,8 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmschool.checkpoint import write_manifest
-from lmschool.errors import UserError
-from lmschool.files import atomic_dir, check_replaceable, check_writable, clean_leftovers, ordinary_file
+from lmschool.files import atomic_dir, check_output_dir, ordinary_file
 from lmschool.gguf import build_tokenizer, model_config, open_gguf, read_metadata, state_dict
 from lmschool.hf import to_hf_config
 from lmschool.tokenizer import Tokenizer
@@ -38,18 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="dtype of the dequantised weights (default float32)")
     parser.add_argument("--force", action="store_true", help="replace --out if it holds a model lmschool wrote")
-
-
-def prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory path")
-    clean_leftovers(out)
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise UserError(f"--out {out} exists and is not empty; pass --force to replace it "
-                            "or choose another directory")
-        check_replaceable(out, "model")   # --force replaces a model lmschool wrote, never a user's files
-    check_writable(out)
 
 
 def write_directory(directory: Path, tensors: dict, cfg, backend, tok_config: dict, dtype: str) -> None:
@@ -75,7 +62,7 @@ def write_directory(directory: Path, tensors: dict, cfg, backend, tok_config: di
 
 
 def run(args: argparse.Namespace) -> int:
-    prepare_out(args.out, args.force)
+    check_output_dir(args.out, "model", args.force)
     started = time.perf_counter()
     reader = open_gguf(args.gguf)
     meta = read_metadata(reader)

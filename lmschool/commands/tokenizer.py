@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmschool.data.text import check_data, iter_texts
 from lmschool.errors import UserError
-from lmschool.files import atomic_dir, check_replaceable, check_writable, clean_leftovers
+from lmschool.files import atomic_dir, check_output_dir
 from lmschool.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 
@@ -45,24 +45,12 @@ def count_tokens(tokenizer: Tokenizer, paths: list[Path], batch_size: int = 4096
     return total + sum(map(len, tokenizer.encode_batch(batch)))
 
 
-def prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory path")
-    clean_leftovers(out)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} exists and is not empty; pass --force to replace it "
-                        "or choose another directory")
-    if out.is_dir() and any(out.iterdir()):
-        check_replaceable(out, "tokenizer")   # --force replaces a tokenizer, never a user's files
-    check_writable(out)   # before the training, not after
-
-
 def run(args: argparse.Namespace) -> int:
     if args.byte_level and args.vocab_size is not None:
         raise UserError(f"--byte-level has exactly {len(SPECIAL_TOKENS) + 256} tokens; drop --vocab-size")
     if not args.byte_level and args.vocab_size is None:
         raise UserError("--vocab-size N is required (or --byte-level for bytes only, no merges)")
-    prepare_out(args.out, args.force)
+    check_output_dir(args.out, "tokenizer", args.force)   # before the training, not after
     data_bytes = check_data(args.data)
 
     started = time.perf_counter()
