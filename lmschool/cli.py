@@ -45,6 +45,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("lmschool.commands.run",
             "run the whole pipeline on the school world (world, pre-training, SFT, feedback) and write a report"),
     "report": ("lmschool.commands.report", "write report.md, report.json and plots for a `lmschool run` directory"),
+    "serve": ("lmschool.commands.serve",
+              "serve checkpoints over an OpenAI-compatible API, with a web page to chat, compare and read the report"),
 }
 
 

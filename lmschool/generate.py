@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmschool.config import check
-from lmschool.model import Transformer, padding_mask
+from lmschool.model import KVCache, Transformer, padding_mask
 
 
 @dataclass
@@ -502,3 +502,242 @@ def stream(model: Transformer, prompt: Sequence[int], max_new_tokens: int,
             yield int(tokens[0])
     finally:
         model.train(was_training)
+
+
+# ---- step-wise decoding for a server: rows join and leave between steps ----------------------------
+
+@dataclass
+class RowSampling:
+    """How one row of a `Decoder` samples and when it ends (a server's request may differ from its
+    neighbours in every one of these)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    """Seed of the row's own generator; None uses torch's global RNG (as `generate` does)."""
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class _Incoming:
+    keys: list[int]                       # the rows' keys, one per sample of this prompt
+    k: list[torch.Tensor]                 # per layer (1, K, P, D): the prompt's keys
+    v: list[torch.Tensor]
+    tokens: list[int]                     # each row's first sampled token (its next input)
+
+
+class Decoder:
+    """A batch that a scheduler advances one token at a time, adding prompts and dropping rows
+    between steps (continuous batching: a server decodes the requests that arrive together as
+    one batch, and a new request does not wait for the batch to finish).
+
+        decoder = Decoder(model, pad_id=tokenizer.fill_id)
+        first = decoder.add(prompt_ids, [RowSampling(64, temperature=0.7, seed=1)] * 2)  # [(key, token, done)]
+        while len(decoder):
+            for key, token, done in decoder.step(): ...
+        decoder.drop(key)        # a client left: its row is gone before the next step
+
+    Design choices:
+    - **One prompt is prefilled alone** (batch 1, its own cache), exactly as `generate` / `stream`
+      prefill a batch of one, and its rows (`n` samples share one prefill) join the batch at the
+      next `step`. A request alone in the decoder therefore computes what `stream` computes with
+      the same settings, token for token.
+    - **Each row has its own generator** (`RowSampling.seed`) and draws one uniform per step from
+      it, as `stream` does: a seeded row samples the same tokens whatever rows it shares a step
+      with (up to float rounding of the batched matrix products). Rows with equal temperature,
+      top-k and top-p are sampled together (`sample` is row-wise).
+    - **Left padding in one shared cache.** Every row's tokens end at the same column L (the
+      cache's length); `key_valid` (B, capacity) marks each row's padding out, position ids count
+      each row's own tokens. When rows join or leave, the cache is rebuilt once (all of that
+      step's changes together): survivors and newcomers right-aligned at the new L, which is the
+      longest row's length, so columns every row pads are trimmed and the cache never outgrows
+      its longest row plus the most tokens any row may still write. Rows that finished are left
+      in the batch until a quarter of it has, or until rows join (copying the cache costs about a
+      step); a dropped row is skipped at once either way.
+    - **Per-row stop ids and lengths**: a chat turn, a plain completion and a benchmark row that
+      ignores end-of-text can share a step.
+
+    Not thread-safe: one thread (the scheduler's) calls it. Run calls under `torch.autocast` for
+    bf16, as `generate`. Shapes: B rows, L cache length, K kv heads, D head size, V vocabulary.
+    """
+
+    def __init__(self, model: Transformer, pad_id: int = 0, pack_weights: bool = True):
+        if getattr(model, "head", "lm") != "lm":
+            raise ValueError("a Decoder needs a model with the LM head (head='lm')")
+        self.model, self.pad_id, self.pack_weights = model.eval(), pad_id, pack_weights
+        self.device = _device(model)
+        self._next_key = 0
+        self.keys: list[int] = []            # the batch's rows, in cache order
+        self.settings: dict[int, RowSampling] = {}
+        self.generators: dict[int, torch.Generator | None] = {}
+        self.produced: dict[int, int] = {}   # tokens sampled so far per row
+        self.dead: set[int] = set()          # finished or dropped rows still in the cache
+        self.incoming: list[_Incoming] = []
+        self.cache = None
+        self.key_valid = self.next_pos = self.tokens = None   # (B, capacity), (B,), (B,)
+        self.padded = False
+        self._packed: dict[torch.dtype, PackedLinears | None] = {}
+
+    def __len__(self) -> int:
+        """Rows still decoding (joined or about to join)."""
+        return sum(1 for k in self.keys if k not in self.dead) + sum(len(i.keys) for i in self.incoming)
+
+    # ---- rows in and out ------------------------------------------------------------------------
+
+    def add(self, prompt: Sequence[int], rows: Sequence[RowSampling]) -> list[tuple[int, int, bool]]:
+        """Prefill `prompt` once and sample each row's first token: [(key, token, done)], one per
+        row. A row that is done at once (a stop id, or max_new_tokens 1) never joins the batch."""
+        if not prompt:
+            raise ValueError("the prompt is empty; every prompt needs at least one token")
+        if not rows:
+            return []
+        ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=self.device)   # (1, P)
+        with torch.inference_mode():
+            cache = self.model.new_cache(1, len(prompt))
+            h = self.model.hidden(ids, None, None, cache)                              # (1, P, C)
+            logits = self.model.lm_head(h[:, -1])                                      # (1, V)
+        out, joining = [], _Incoming([], cache.k, cache.v, [])
+        for settings in rows:
+            key = self._next_key
+            self._next_key += 1
+            self.settings[key], self.produced[key] = settings, 0
+            self.generators[key] = _make_generator(self.device, settings.seed, None)
+            token = self._sample(logits, [key])[0]
+            done = self._count(key, token)
+            out.append((key, token, done))
+            if done:
+                self._forget(key)
+            else:
+                joining.keys.append(key)
+                joining.tokens.append(token)
+        if joining.keys:
+            self.incoming.append(joining)
+        return out
+
+    def drop(self, key: int) -> None:
+        """Stop decoding a row (its client left); it is skipped from the next step on."""
+        if key not in self.settings:      # finished already, or never added
+            return
+        for joining in self.incoming:
+            if key in joining.keys:
+                i = joining.keys.index(key)
+                del joining.keys[i], joining.tokens[i]
+                self._forget(key)
+                self.incoming = [j for j in self.incoming if j.keys]
+                return
+        self.dead.add(key)
+
+    def _forget(self, key: int) -> None:
+        for table in (self.settings, self.generators, self.produced):
+            table.pop(key, None)
+
+    def _count(self, key: int, token: int) -> bool:
+        """Count a sampled token; True when the row is done (a stop id, or its last token)."""
+        self.produced[key] += 1
+        settings = self.settings[key]
+        return token in settings.stop_ids or self.produced[key] >= settings.max_new_tokens
+
+    # ---- one step ----------------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[int, int, bool]]:
+        """Decode one token for every live row: [(key, token, done)]. Rows done leave the batch."""
+        live = [k for k in self.keys if k not in self.dead]
+        if self.incoming or (self.dead and (len(self.dead) * 4 >= len(self.keys) or not live)):
+            self._rebuild()
+            live = list(self.keys)
+        if not live:
+            return []
+        model, cache = self.model, self.cache
+        with torch.inference_mode():
+            packed = self._packing() if len(self.keys) >= 2 else None
+            with packed if packed is not None else contextlib.nullcontext():
+                position_ids = self.next_pos[:, None] if self.padded else None                 # (B, 1)
+                attn_mask = self.key_valid[:, None, None, :cache.length + 1] if self.padded else None
+                logits = model(self.tokens[:, None], position_ids, attn_mask, cache)[:, -1]   # (B, V)
+            self.next_pos += 1
+            index = {k: i for i, k in enumerate(self.keys)}
+            rows = [index[k] for k in live]
+            tokens = self._sample(logits, live, rows)
+            self.tokens[rows] = torch.as_tensor(tokens, device=self.device)
+        out = []
+        for key, token in zip(live, tokens):
+            done = self._count(key, token)
+            out.append((key, token, done))
+            if done:
+                self.dead.add(key)
+                self._forget(key)
+        return out
+
+    def _sample(self, logits: torch.Tensor, keys: list[int], rows: list[int] | None = None) -> list[int]:
+        """Sample one token per key from logits (B, V) at `rows` (default: row 0 for every key).
+        Keys with the same settings are sampled together; each draws its uniform from its own
+        generator, as `_next` draws for a batch of one."""
+        rows = rows if rows is not None else [0] * len(keys)
+        tokens = [0] * len(keys)
+        groups: dict[tuple, list[int]] = {}
+        for j, key in enumerate(keys):
+            s = self.settings[key]
+            groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(j)
+        for (temperature, top_k, top_p), js in groups.items():
+            uniform = None
+            if temperature > 0:
+                uniform = torch.cat([torch.rand(1, device=logits.device, generator=self.generators[keys[j]])
+                                     for j in js])                                     # (b,)
+            picked = logits[rows[js[0]]][None] if len(js) == 1 else logits[[rows[j] for j in js]]  # (b, V)
+            drawn, _ = sample(picked, temperature, top_k, top_p, uniform=uniform)
+            for j, token in zip(js, drawn.tolist()):
+                tokens[j] = token
+        return tokens
+
+    def _packing(self) -> PackedLinears | None:
+        """Linear weights packed once per dtype (the model's weights do not change while served)."""
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        if dtype not in self._packed:
+            self._packed[dtype] = PackedLinears.maybe(self.model, 8) if self.pack_weights else None
+        return self._packed[dtype]
+
+    def _rebuild(self) -> None:
+        """Lay the cache out afresh for the surviving rows and the newcomers (see the class doc)."""
+        old = [i for i, k in enumerate(self.keys) if k not in self.dead]               # survivors' rows
+        for k in self.keys:
+            if k in self.dead:
+                self._forget(k)
+        self.dead.clear()
+        keys = [self.keys[i] for i in old]
+        lengths = self.next_pos[old].tolist() if old else []   # each row's tokens in the cache
+        tokens = self.tokens[old].tolist() if old else []
+        for joining in self.incoming:
+            keys += joining.keys
+            lengths += [joining.k[0].shape[2]] * len(joining.keys)
+            tokens += joining.tokens
+        self.keys = keys
+        if not keys:
+            self.cache = self.key_valid = self.next_pos = self.tokens = None
+            self.incoming = []
+            return
+        L = max(lengths)
+        capacity = L + max(self.settings[k].max_new_tokens - self.produced[k] for k in keys)
+        dtype = (self.cache.k[0] if self.cache is not None else self.incoming[0].k[0]).dtype
+        new = KVCache(self.model.config, len(keys), capacity, self.device, dtype)
+        with torch.inference_mode():
+            if old:   # every survivor's tokens lie in the last w columns of the old cache
+                S, w = self.cache.length, min(self.cache.length, L)
+                index = torch.as_tensor(old, device=self.device)
+                for dst, src in ((new.k, self.cache.k), (new.v, self.cache.v)):
+                    for layer in range(len(dst)):
+                        dst[layer][:len(old), :, L - w:L] = src[layer][index, :, S - w:S]
+            row = len(old)
+            for joining in self.incoming:
+                P, n = joining.k[0].shape[2], len(joining.keys)
+                for dst, src in ((new.k, joining.k), (new.v, joining.v)):
+                    for layer in range(len(dst)):
+                        dst[layer][row:row + n, :, L - P:L] = src[layer][:, :, :P]
+                row += n
+            new.length = L
+            starts = torch.as_tensor([L - n for n in lengths], device=self.device)              # (B,)
+            self.key_valid = torch.arange(capacity, device=self.device)[None] >= starts[:, None]  # (B, capacity)
+            self.next_pos = torch.as_tensor(lengths, device=self.device)                          # (B,)
+            self.tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)           # (B,)
+        self.cache, self.padded, self.incoming = new, min(lengths) < L, []
