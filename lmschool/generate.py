@@ -668,6 +668,8 @@ class Decoder:
             if done:
                 self.dead.add(key)
                 self._forget(key)
+        if not self.incoming and len(self.dead) == len(self.keys):
+            self._rebuild()     # every row has finished: let the cache go now, not at the next request
         return out
 
     def _sample(self, logits: torch.Tensor, keys: list[int], rows: list[int] | None = None) -> list[int]:

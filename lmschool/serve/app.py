@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 from pathlib import Path
@@ -311,9 +312,13 @@ def _refuse_unsupported(body: Sampling) -> None:
                            code="unsupported_parameter")
 
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|function-.*|[A-Z]\w*|.*\[.*)$")
+
+
 def _validation_error(errors: list[dict]) -> APIError:
     first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # pydantic names a union's member in the path ("prompt.list[int]", "content.str"): not a field
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _TYPE_TAG.match(str(x))]
     if first.get("type") == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request: it is not valid JSON "
                              f"({first.get('ctx', {}).get('error', 'malformed')}). Send a JSON object.",
