@@ -29,7 +29,9 @@ async function streamChat(body, onDelta, signal) {
   });
   if (!r.ok) {
     const data = await r.json().catch(() => ({}));
-    throw new Error((data.error && data.error.message) || r.statusText);
+    const error = new Error((data.error && data.error.message) || r.statusText);
+    error.code = data.error && data.error.code;
+    throw error;
   }
   const reader = r.body.getReader();
   const decoder = new TextDecoder();
@@ -77,17 +79,27 @@ async function sendChat(event) {
   addMessage("user", text);
   state.chat.push({ role: "user", content: text });
   const system = $("chat-system").value.trim();
-  const messages = (system ? [{ role: "system", content: system }] : []).concat(state.chat);
   const out = addMessage("assistant", "");
   out.dataset.chunks = "0";
   state.controller = new AbortController();
   $("chat-send").disabled = true; $("chat-stop").hidden = false;
   try {
-    const result = await streamChat({
-      model: $("chat-model").value, messages,
-      temperature: Number($("chat-temperature").value), max_tokens: Number($("chat-max-tokens").value),
-    }, (piece) => { out.textContent += piece; out.dataset.chunks = String(Number(out.dataset.chunks) + 1);
-                    $("chat-log").scrollTop = $("chat-log").scrollHeight; }, state.controller.signal);
+    const maxTokens = $("chat-max-tokens").value ? Number($("chat-max-tokens").value) : undefined;
+    let result;
+    for (;;) {   // when the conversation outgrows the context, drop the oldest turns (as `lmschool chat`)
+      const messages = (system ? [{ role: "system", content: system }] : []).concat(state.chat);
+      try {
+        result = await streamChat({
+          model: $("chat-model").value, messages, temperature: Number($("chat-temperature").value),
+          max_tokens: maxTokens,
+        }, (piece) => { out.textContent += piece; out.dataset.chunks = String(Number(out.dataset.chunks) + 1);
+                        $("chat-log").scrollTop = $("chat-log").scrollHeight; }, state.controller.signal);
+        break;
+      } catch (e) {
+        if (e.code !== "context_length_exceeded" || state.chat.length <= 1) throw e;
+        state.chat.splice(0, Math.min(2, state.chat.length - 1));
+      }
+    }
     state.chat.push({ role: "assistant", content: result.text.trim() || "..." });
     const meta = document.createElement("span");
     meta.className = "meta";
