@@ -26,6 +26,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(DEMO_ENV) $(VENV)/bin/lmschool run --out runs/demo
 	$(PY) bench/bars.py runs/demo
+	@echo "Serve the models and the report of this run (then open http://127.0.0.1:8000/):"
+	@echo "  $(VENV)/bin/lmschool serve runs/demo"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

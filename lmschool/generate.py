@@ -39,6 +39,14 @@ Design choices:
 - **Precision.** Run the call under `torch.autocast(device, dtype=torch.bfloat16)` to sample in
   bf16 (the cache takes the autocast dtype); sampling math is always float32.
 
+- **Step-wise decoding for a server** (`Decoder`): the same prefill, sampling and packed
+  weights, advanced one step at a time by a scheduler that adds prompts and drops rows between
+  steps (continuous batching); a row alone computes exactly what `stream` computes.
+
+This module is long because `Decoder` is the decode loop turned inside out for a scheduler: it
+shares every piece above (sampling, inverse-CDF draws, packed weights, the cache), and apart
+from them it would be a second copy of the loop's rules in another file.
+
 Shapes: B batch, P longest prompt, N max new tokens, S keys so far, V vocabulary.
 """
 

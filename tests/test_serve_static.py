@@ -1,4 +1,4 @@
-"""The page of `lmschool serve` in a real browser: headless Chromium (Debian's `chromium` package,
+"""The page of `lmschool serve` (lmschool/serve/static/) in a real browser: headless Chromium (Debian's `chromium` package,
 installed here when missing, driven by Playwright through `executable_path`) loads the page,
 sends a chat message and sees the streamed answer, runs a comparison of two checkpoints with the
 teacher's scores, opens the report, and saves a screenshot of the comparison as a test artifact
