@@ -137,9 +137,9 @@ class RewardModelJudge(Judge):
         own = Tokenizer.load(path)
         if tokenizer is None:
             tokenizer = own
-            if own.im_end_id is None:
-                raise UserError(f"{where} {path}: its tokenizer has no end-of-turn token <|im_end|>, so "
-                                "answers cannot be scored; use a reward model trained from a chat checkpoint")
+            if own.end_of_turn_id is None:
+                raise UserError(f"{where} {path}: its tokenizer has no chat template with an end-of-turn token, "
+                                "so answers cannot be scored; use a reward model trained from a chat checkpoint")
         else:
             check_same_tokenizer(own, tokenizer, f"{where} {path}", policy_name)
         # eval(): dropout off, as everywhere a frozen model scores
@@ -167,15 +167,13 @@ class RewardModelJudge(Judge):
         return self.score_ids(input_ids, last_index, batch_size)
 
     def __call__(self, prompts, responses, **fields):
-        """render(prompt) + encode(response) + <|im_end|>, cut from the left to the context, right-
-        padded, scored at the <|im_end|>."""
+        """The prompt and the answer through its end-of-turn token (Tokenizer.encode_response, as the
+        reward model was trained), cut from the left to the context, right-padded, scored at the
+        end of turn."""
         if not responses:
             return [], []
         tok = self.tokenizer
-        # as the reward model was trained (data.preference.encode_response): no BOS before the answer
-        seqs = [tok.render(p, add_generation_prompt=True)[0]
-                + tok.encode(t, allow_special=False, add_special_tokens=False) + [tok.im_end_id]
-                for p, t in zip(prompts, responses)]
+        seqs = [tok.encode_response(p, t)[0] for p, t in zip(prompts, responses)]
         context = self.model.config.max_position_embeddings
         seqs = [s[-context:] for s in seqs]
         device = next(self.model.parameters()).device

@@ -303,7 +303,7 @@ class PPO:
                            temperature=cfg.temperature, stop_ids=tok.stop_ids, pad_id=self.pad_id,
                            seed=cfg.seed * 1_000_003 + step, return_logprobs=True)
         rollout_s = time.time() - t0
-        ended = torch.tensor([bool(t) and t[-1] == tok.im_end_id for t in gen.tokens], device=self.device)
+        ended = torch.tensor([bool(t) and t[-1] == tok.end_of_turn_id for t in gen.tokens], device=self.device)
         rollout = Rollout.build([self.prompt_ids[i] + t for i, t in zip(index, gen.tokens)],
                                 [len(self.prompt_ids[i]) for i in index], self.pad_id, self.device)
         texts = [tok.decode(t, skip_special=True).strip() for t in gen.tokens]
