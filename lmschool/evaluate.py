@@ -52,8 +52,10 @@ def lm_loss_and_bpb(model, batches, *, special_ids: set[int], bytes_per_text_tok
 # `lmschool eval` all call `evaluate_generations`.
 
 def _fields(rows: list[dict], idx: list[int]) -> dict[str, list]:
-    """The eval rows' category and expected answer, per judged answer (a judge's **fields)."""
-    return {key: [rows[i].get(key) for i in idx] for key in ("category", "expected")}
+    """The eval rows' other columns (category, expected, a gold answer ...), per judged answer (a
+    judge's **fields, judges.row_fields)."""
+    from lmschool.judges import row_fields
+    return row_fields([rows[i] for i in idx])
 
 
 def _mean(values) -> float | None:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(target, args.force, flag)   # before the answers are sampled
     device = pick_device(args.device)
     judge = make_judge(args.scorer, args.reward, beside=[args.data], tokenizer=tokenizer, device=device,
-                       batch_size=args.batch_size, policy_name=f"CKPT {path}", probe=rows[0]["prompt"])
+                       batch_size=args.batch_size, policy_name=f"CKPT {path}", probe=rows[0])
     model = load_model(path, head="lm", device=device).eval()
 
     precision = resolve_precision(device, args.precision)

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     eval_rows = read_prompts(args.eval) if args.eval else None
     scorer = None
     if eval_rows is not None:
-        scorer = make_judge(args.scorer, beside=[args.eval], probe=eval_rows[0]["prompt"])
+        scorer = make_judge(args.scorer, beside=[args.eval], probe=eval_rows[0])
     if args.replay:
         check_data(args.replay)  # readable, UTF-8, not empty
     train, val = split_examples(examples, cfg.val_fraction, cfg.seed)
