@@ -197,7 +197,7 @@ class RewardModelJudge(Judge):
             out.append(rewards_at(scores, ends) - self.bias)                               # (n,)
         return unsort(torch.cat(out), order)
 
-    def rollout_scores(self, prompts, responses, input_ids, last_index, batch_size):
+    def rollout_scores(self, prompts, responses, input_ids, last_index, batch_size, **fields):
         return self.score_ids(input_ids, last_index, batch_size)
 
     def __call__(self, prompts, responses, **fields):
