@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmschool.data.jsonl import check_conversation, read_jsonl
+from lmschool.data.jsonl import check_conversation
+from lmschool.data.sources import read_rows
 from lmschool.errors import DataError
 from lmschool.losses.lm import IGNORE
 
@@ -137,7 +138,7 @@ def read_pairs(path: str | Path, *, split: str | None = None) -> list[Pair]:
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be None, 'train' or 'test', not {split!r}")
     pairs, rows = [], 0
-    for where, row in read_jsonl(path, FORMAT_HINT):
+    for where, row in read_rows(path, FORMAT_HINT):
         rows += 1
         pair = parse_pair(row, where)
         if split is None or pair.split == split:

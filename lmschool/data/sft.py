@@ -49,7 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmschool.data.jsonl import check_conversation, read_jsonl
+from lmschool.data.jsonl import check_conversation
+from lmschool.data.sources import read_rows
 from lmschool.errors import DataError, UserError
 from lmschool.losses.lm import IGNORE
 
@@ -133,7 +134,7 @@ def load_examples(paths: list[Path], tokenizer, max_seq_len: int, *, loss_on: st
     examples, stats = [], LoadStats()
     for path in paths:
         before = stats.rows
-        for where, row in read_jsonl(path, FORMAT_HINT):
+        for where, row in read_rows(path, FORMAT_HINT):
             stats.rows += 1
             ids, mask = render_row(row, where, tokenizer)
             example = make_example(ids, mask, where, loss_on)    # never None: an answer is trained

@@ -44,7 +44,7 @@ from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
 from lmschool.data.prompts import read_prompts
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
 from lmschool.data.text import check_data
-from lmschool.data.jsonl import read_jsonl
+from lmschool.data.sources import read_rows
 from lmschool.errors import UserError
 from lmschool.evaluate import evaluate_generations, evaluate_sampled, judge_demonstrations
 from lmschool.files import atomic_write_text
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
 
 def read_conversations(paths: list[Path]) -> list[dict]:
     """The rows of the --data files, as written (for judging the demonstrations themselves)."""
-    return [row for path in paths for _, row in read_jsonl(path, "--data")]
+    return [row for path in paths for _, row in read_rows(path, "--data")]
 
 
 def replay_source(paths: list[Path], tokenizer, directory: Path, cfg: SFTConfig, dist,
