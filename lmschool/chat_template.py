@@ -234,6 +234,17 @@ class JinjaTemplate:
         return text[len(prefix):span[1]]
 
 
+def template_specials(config: dict) -> dict[str, str]:
+    """The special-token variables a template reads (bos_token, eos_token, ...), as transformers
+    passes them: tokenizer_config.json's strings ("" where unset, so `bos_token + ...` renders)."""
+    out = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        out[key] = token if isinstance(token, str) else ""
+    return out
+
+
 def _has_generation_tag(source: str) -> bool:
     """Whether the template source holds a `{% generation %}` tag (not just the word)."""
     import re

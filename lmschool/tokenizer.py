@@ -45,7 +45,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from lmschool.chat_template import ChatML, JinjaTemplate
+from lmschool.chat_template import ChatML, JinjaTemplate, template_specials
 from lmschool.errors import UserError
 
 ENDOFTEXT, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
@@ -205,17 +205,7 @@ class Tokenizer:
             return ChatML() if not self.config and self.has_chat_tokens else None
         if source == CHAT_TEMPLATE and self.has_chat_tokens:
             return ChatML()
-        return JinjaTemplate(str(source), self._template_specials(), self.special_tokens)
-
-    def _template_specials(self) -> dict[str, str]:
-        """The special-token variables a template reads (bos_token, eos_token, ...), as transformers
-        passes them: the config's strings ("" where unset, so `bos_token + ...` still renders)."""
-        out = {}
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            token = self.config.get(key)
-            token = token.get("content") if isinstance(token, dict) else token
-            out[key] = token if isinstance(token, str) else ""
-        return out
+        return JinjaTemplate(str(source), template_specials(self.config), self.special_tokens)
 
     @property
     def special_tokens(self) -> list[str]:
