@@ -388,8 +388,9 @@ class Tokenizer:
         """(ids, prompt_len): the prompt with the generation prompt, then the answer as the template
         closes it, through its end-of-turn token (the last id). ChatML: render(prompt, True) +
         encode(response) + [<|im_end|>], the answer's text never read as special tokens; another
-        template: the text its answer adds, encoded apart from the prompt (as TRL encodes a
-        completion), so the ids are those a policy generates after the prompt."""
+        template: the text its answer adds after the prompt, encoded with it (or apart from it, as
+        TRL encodes a completion, where the prompt's ids would change), so the prompt's ids are
+        those a policy is given."""
         template = self._template()
         prompt_ids, _ = self.render(prompt, add_generation_prompt=True)
         if isinstance(template, ChatML):
@@ -397,6 +398,11 @@ class Tokenizer:
             return prompt_ids + response_ids + [self.im_end_id], len(prompt_ids)
         self._check_messages([{"role": "assistant", "content": response}])
         text = template.completion_text(prompt, response)
+        # the whole text's ids where the prompt's are a prefix of them (a Metaspace tokenizer would
+        # otherwise open the answer with a word-start mark it never has in context)
+        whole = self.encode(template.text(prompt, add_generation_prompt=True) + text, add_special_tokens=False)
+        if whole[:len(prompt_ids)] == prompt_ids:
+            return whole, len(prompt_ids)
         return prompt_ids + self.encode(text, add_special_tokens=False), len(prompt_ids)
 
     def _template(self) -> ChatML | JinjaTemplate:

@@ -274,3 +274,32 @@ def test_generation_config_eos_ids_are_stop_ids(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text, tok.end_of_turn_id]}))
     loaded = Tokenizer.load(tmp_path)
     assert set(loaded.stop_ids) == {end_of_text, tok.end_of_turn_id}
+
+
+def test_encode_response_keeps_in_context_ids_for_a_metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace, as Mistral's and Llama-2's) marks the start of a
+    text with "▁". After the generation prompt's special token, in context, the answer has no such
+    mark; encoded apart it would: the answer's ids are those of the whole rendering. Where the
+    prompt's own ids change in context (Mistral's "[/INST]" is plain text that merges with the
+    answer), the prompt keeps the ids a policy is given and the answer is encoded apart."""
+    from tokenizers import decoders, pre_tokenizers, trainers
+    backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator(["[INST] What is 2 plus 2? [/INST]It is 4.", "Four is the answer."] * 20,
+                                trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                                    show_progress=False))
+    backend.add_special_tokens(["<|user|>", "<|assistant|>"])
+    template = ("{% for m in messages %}{{ '<|' + m.role + '|>' + m.content }}{% if m.role == 'assistant' %}"
+                "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    prompt, answer = [{"role": "user", "content": "What is 2 plus 2?"}], {"role": "assistant", "content": "It is 4."}
+    for source in (template, MISTRAL):
+        tok = Tokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>", "chat_template": source})
+        ids, prompt_len = tok.encode_response(prompt, "It is 4.")
+        whole, mask = tok.render([*prompt, answer])
+        assert ids[:prompt_len] == tok.render(prompt, add_generation_prompt=True)[0] and ids[-1] == tok.end_of_turn_id
+        apart = tok.encode("It is 4.</s>", add_special_tokens=False)
+        if source == template:
+            assert ids == whole and prompt_len == mask.index(1) and ids[prompt_len:] != apart   # apart: "▁It"
+        else:
+            assert ids != whole and ids[prompt_len:] == apart
