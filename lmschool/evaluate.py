@@ -52,8 +52,10 @@ def lm_loss_and_bpb(model, batches, *, special_ids: set[int], bytes_per_text_tok
 # `lmschool eval` all call `evaluate_generations`.
 
 def _fields(rows: list[dict], idx: list[int]) -> dict[str, list]:
-    """The eval rows' category and expected answer, per judged answer (a judge's **fields)."""
-    return {key: [rows[i].get(key) for i in idx] for key in ("category", "expected")}
+    """The eval rows' other columns (category, expected, a gold answer ...), per judged answer (a
+    judge's **fields, judges.row_fields)."""
+    from lmschool.judges import row_fields
+    return row_fields([rows[i] for i in idx])
 
 
 def _mean(values) -> float | None:
@@ -141,10 +143,11 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
     records: one per row, in row order: prompt, category, heldout, response, score, parts,
       end_of_turn, tokens (and the row's expected / reference / pupil, if any).
     """
-    if tokenizer.im_end_id is None:
+    end_of_turn = tokenizer.end_of_turn_id
+    if end_of_turn is None:
         from lmschool.errors import UserError
-        raise UserError("the tokenizer has no end-of-turn token <|im_end|>, so chat prompts cannot be "
-                        "rendered; evaluate a checkpoint whose tokenizer has the chat tokens")
+        raise UserError("the tokenizer has no chat template with an end-of-turn token, so chat prompts cannot "
+                        "be rendered; evaluate a checkpoint whose tokenizer has one")
     judge = as_judge(scorer)
     context = model.config.max_position_embeddings
     prompts = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
@@ -153,7 +156,7 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
     usable = [i for i, p in enumerate(prompts) if len(p) < context]
     outs = sample_responses(model, tokenizer, [prompts[i] for i in usable], samples=1, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed, temperature=temperature)
-    answers = {i: (tokens, bool(tokens) and tokens[-1] == tokenizer.im_end_id) for i, tokens in zip(usable, outs)}
+    answers = {i: (tokens, bool(tokens) and tokens[-1] == end_of_turn) for i, tokens in zip(usable, outs)}
     model.train(was_training)
 
     done = sorted(answers)

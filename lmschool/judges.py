@@ -4,14 +4,16 @@
 
 prompts are message lists (or plain strings), responses are assistant texts; scores is one float
 per response; parts is one rubric dict per response (`{"correctness": 1.0, ...}`), or None where
-the judge has no rubric. `fields` are optional per-response lists of eval-row columns (e.g.
-`category=[...]`, `expected=[...]`, as `evaluate` passes them); the three judges here read all
-they need from the prompt, so a judge that wants more than the prompt can take it from there.
+the judge has no rubric. `fields` are per-response lists of the data's other columns (`row_fields`:
+every key of a prompts row but "prompt" and "where", e.g. `category=[...]`, a gold `answer=[...]`),
+as TRL passes dataset columns to its reward functions; the teacher and a reward model read all they
+need from the prompt, a user's function gets the columns it names (all of them with **kwargs).
 Three versions, one per source of judgement in the course (nanochat's `Task.reward` is the model):
 
 - `TeacherJudge`: the school world's gold teacher (lmschool.world.teacher), its rubric as parts;
-- `FunctionJudge`: a user's `module:function` taking (prompts, responses) -> [float], checked for
-  one finite number per response;
+- `FunctionJudge`: a user's `module:function` taking (prompts, responses, **columns) -> [float],
+  checked for one finite number per response; TRL's convention works too: a function with a
+  `completions` parameter is called by keyword, `function(prompts=..., completions=..., **columns)`;
 - `RewardModelJudge`: a reward model from `lmschool reward`, its score at the answer's closing
   <|im_end|> minus the checkpoint's reward_bias. PPO scores its rollouts with `rollout_scores`,
   which reads the token ids it already has (no decode and re-encode) for a reward model.
@@ -54,11 +56,11 @@ class Judge:
         return None
 
     def rollout_scores(self, prompts: list, responses: list[str], input_ids: torch.Tensor,
-                       last_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+                       last_index: torch.Tensor, batch_size: int, **fields) -> torch.Tensor:
         """Scores (N,) of N rollouts given both as texts and as token ids: input_ids (N, L) prompt +
         response right-padded, last_index (N,) each row's last token. This judges the texts; a
         reward model reads the ids instead."""
-        return torch.tensor(self(prompts, responses)[0], device=input_ids.device)
+        return torch.tensor(self(prompts, responses, **fields)[0], device=input_ids.device)
 
 
 class TeacherJudge(Judge):
@@ -84,21 +86,53 @@ class TeacherJudge(Judge):
         return [self.teacher.flaws(p, r) for p, r in zip(prompts, responses)]
 
 
+def row_fields(rows: list[dict]) -> dict[str, list]:
+    """The columns of data rows other than the prompt, one list per column with one value per row
+    (None where a row lacks it): what a judge gets as **fields."""
+    keys = dict.fromkeys(k for row in rows for k in row if k not in ("prompt", "where"))
+    return {k: [row.get(k) for row in rows] for k in keys}
+
+
+def _columns_taken(function) -> tuple[set[str] | None, set[str], bool]:
+    """(the column names `function` takes beyond the first two parameters, None for **kwargs: all;
+    those it requires; whether it takes TRL's `completions` by keyword)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):   # no signature to read (some built-ins)
+        return set(), set(), False
+    by_keyword = any(p.name == "completions" for p in parameters)
+    rest = [p for p in parameters if p.name not in ("prompts", "completions")] if by_keyword else parameters[2:]
+    plain = [p for p in rest if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = {p.name for p in plain if p.default is p.empty}
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in rest)
+    return (None if takes_all else {p.name for p in plain}), required, by_keyword
+
+
 class FunctionJudge(Judge):
-    """A `module:function` (prompts, responses) -> [float]: one finite number per response."""
+    """A `module:function` (prompts, responses, **columns) -> [float]: one finite number per
+    response. It gets the data columns it names (all with **kwargs); one it requires that the data
+    lacks is a UserError naming it."""
 
     def __init__(self, function, name: str):
         self.function, self.name = function, name
+        self.takes, self.requires, self.by_keyword = _columns_taken(function)
 
     def __call__(self, prompts, responses, **fields):
         if not responses:
             return [], []
+        missing = sorted(self.requires - set(fields))
+        if missing:
+            raise UserError(f"--scorer {self.name} takes the column(s) {', '.join(missing)}, which the data "
+                            f"does not have (it has: {', '.join(fields) or 'only prompts'}); add the column or "
+                            "give the parameter a default")
+        columns = fields if self.takes is None else {k: v for k, v in fields.items() if k in self.takes}
         try:
-            values = self.function(prompts, responses)
+            values = (self.function(prompts=prompts, completions=responses, **columns) if self.by_keyword
+                      else self.function(prompts, responses, **columns))
         except Exception as e:   # the user's function failed: one line naming it, as for its answers
             raise UserError(f"--scorer {self.name} raised {type(e).__name__}: {' '.join(str(e).split())[:120]}; "
-                            "it is called as function(prompts, responses) and must return one number "
-                            "per response") from None
+                            "it is called as function(prompts, responses) with the columns it names and must return one "
+                            "number per response") from None
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError):
@@ -137,9 +171,9 @@ class RewardModelJudge(Judge):
         own = Tokenizer.load(path)
         if tokenizer is None:
             tokenizer = own
-            if own.im_end_id is None:
-                raise UserError(f"{where} {path}: its tokenizer has no end-of-turn token <|im_end|>, so "
-                                "answers cannot be scored; use a reward model trained from a chat checkpoint")
+            if own.end_of_turn_id is None:
+                raise UserError(f"{where} {path}: its tokenizer has no chat template with an end-of-turn token, "
+                                "so answers cannot be scored; use a reward model trained from a chat checkpoint")
         else:
             check_same_tokenizer(own, tokenizer, f"{where} {path}", policy_name)
         # eval(): dropout off, as everywhere a frozen model scores
@@ -163,19 +197,17 @@ class RewardModelJudge(Judge):
             out.append(rewards_at(scores, ends) - self.bias)                               # (n,)
         return unsort(torch.cat(out), order)
 
-    def rollout_scores(self, prompts, responses, input_ids, last_index, batch_size):
+    def rollout_scores(self, prompts, responses, input_ids, last_index, batch_size, **fields):
         return self.score_ids(input_ids, last_index, batch_size)
 
     def __call__(self, prompts, responses, **fields):
-        """render(prompt) + encode(response) + <|im_end|>, cut from the left to the context, right-
-        padded, scored at the <|im_end|>."""
+        """The prompt and the answer through its end-of-turn token (Tokenizer.encode_response, as the
+        reward model was trained), cut from the left to the context, right-padded, scored at the
+        end of turn."""
         if not responses:
             return [], []
         tok = self.tokenizer
-        # as the reward model was trained (data.preference.encode_response): no BOS before the answer
-        seqs = [tok.render(p, add_generation_prompt=True)[0]
-                + tok.encode(t, allow_special=False, add_special_tokens=False) + [tok.im_end_id]
-                for p, t in zip(prompts, responses)]
+        seqs = [tok.encode_response(p, t)[0] for p, t in zip(prompts, responses)]
         context = self.model.config.max_position_embeddings
         seqs = [s[-context:] for s in seqs]
         device = next(self.model.parameters()).device
@@ -227,7 +259,12 @@ def load_function(spec: str):
     if not callable(function):
         raise UserError(f"--scorer {spec}: module {module_name} has no function {function_name!r}")
     try:   # before any work: a function that cannot take (prompts, responses) fails only when called
-        inspect.signature(function).bind([], [])
+        _, required, by_keyword = _columns_taken(function)
+        columns = dict.fromkeys(required)
+        if by_keyword:
+            inspect.signature(function).bind(prompts=[], completions=[], **columns)
+        else:
+            inspect.signature(function).bind([], [], **columns)
     except TypeError:
         shown = str(inspect.signature(function))
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
@@ -249,14 +286,16 @@ def make_judge(scorer: str | None = None, reward=None, *, beside=(), tokenizer=N
     `tokenizer`, which `policy_name` names in errors; `batch_size` rows per forward), else --scorer
     module:function, else (no --scorer, or "teacher") the teacher of the school world beside the
     files `beside` (see school_teacher). A --scorer is called once on `probe` (the command's first
-    prompt, as its data gives it) with PROBE_ANSWERS, so a bad one stops the command at once."""
+    row, {"prompt": ..., other columns}, or its prompt alone) with PROBE_ANSWERS, so a bad one
+    stops the command at once."""
     if reward is not None:
         return RewardModelJudge(reward, tokenizer, device, policy_name=policy_name, batch_size=batch_size)
     if scorer is None or scorer == "teacher":
         return TeacherJudge(school_teacher(*beside))
     judge = FunctionJudge(load_function(scorer), scorer)
     if probe is not None:
-        judge([probe] * len(PROBE_ANSWERS), list(PROBE_ANSWERS))
+        row = probe if isinstance(probe, dict) and "prompt" in probe else {"prompt": probe}
+        judge([row["prompt"]] * len(PROBE_ANSWERS), list(PROBE_ANSWERS), **row_fields([row] * len(PROBE_ANSWERS)))
     return judge
 
 

@@ -12,21 +12,27 @@ Design choices:
       3 <|im_end|>      end of a chat turn: what a chat model emits to stop
   In corpus text a line holding exactly `<|endoftext|>` separates documents; the string always
   encodes to its single id (unless `allow_special=False`).
-- **The one chat template** is ChatML, written once in Python (`render_text`) and once in Jinja
+- **lmschool's chat template** is ChatML, written once in Python (`render_text`) and once in Jinja
   (`CHAT_TEMPLATE`, saved in tokenizer_config.json) that produce the same string; the tests prove
-  it through `transformers`' `apply_chat_template`. Every stage (SFT, DPO, PPO, chat, eval) gets its
-  token ids and loss mask from `render`, which encodes the whole string once and marks trained
-  tokens by character spans, so its ids are exactly those of the Jinja template. The Jinja template
-  wraps trained spans in `{% generation %}` so Hugging Face's `return_assistant_tokens_mask` (and
-  TRL's assistant-only loss) give the same mask.
+  it through `transformers`' `apply_chat_template`. The Jinja template wraps trained spans in
+  `{% generation %}` so Hugging Face's `return_assistant_tokens_mask` (and TRL's assistant-only
+  loss) give the same mask.
+- **A checkpoint's own template** is kept: a tokenizer loaded with a `chat_template` other than
+  CHAT_TEMPLATE renders through it (lmschool/chat_template.py: Jinja as transformers runs it, the
+  assistant spans by generation markers or by rendering prefixes) and saves it back. A fresh
+  tokenizer (`train_tokenizer`) and one saved with CHAT_TEMPLATE use ChatML. A loaded tokenizer
+  with no template has none: `render` is one line naming the fix (`use_chat_template`, which
+  `lmschool sft --chat-template chatml|FILE.jinja` calls).
+- Every stage (SFT, DPO, PPO, chat, eval) gets its token ids and loss mask from `render`, which
+  encodes the template's whole text once and marks the tokens that overlap the trained spans
+  (each assistant answer and its end-of-turn token), so its ids are exactly the template's.
 - **Saved files** are Hugging Face's: `tokenizer.json` + `tokenizer_config.json`
   (`PreTrainedTokenizerFast`, no BOS, `eos_token` = `<|endoftext|>`, `pad_token` = `<|pad|>`).
-  eos_token stays the document end (what a base model emits); a chat model stops at `<|im_end|>`
-  as well, so `stop_ids` lists both: the `eos_token_id` list for generation_config.json, which is
-  what `transformers.generate` stops on.
-- `Tokenizer.load` also reads a local Hugging Face tokenizer directory (Llama, Qwen2, ...). A
-  tokenizer without `<|im_start|>`/`<|im_end|>` (e.g. Llama's) works for plain text; `render` then
-  raises a UserError.
+  eos_token stays the document end (what a base model emits); a chat model stops at its template's
+  end of turn (`<|im_end|>`, Llama-3's `<|eot_id|>`, Gemma's `<end_of_turn>` ...) as well, so
+  `stop_ids` lists both, plus the ids of generation_config.json's `eos_token_id` when the directory
+  has one: the list lmschool writes back there, which is what `transformers.generate` stops on.
+- `Tokenizer.load` also reads a local Hugging Face tokenizer directory (Llama, Qwen2, Mistral ...).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from lmschool.chat_template import ChatML, JinjaTemplate, template_specials
 from lmschool.errors import UserError
 
 ENDOFTEXT, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
@@ -172,9 +179,12 @@ class Tokenizer:
     as it came.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None):
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None,
+                 generation_stop_ids: Sequence[int] = ()):
         self.backend = backend
         self.config = dict(config or {})
+        self.generation_stop_ids = [int(i) for i in generation_stop_ids]
+        """generation_config.json's eos_token_id(s) where the directory has one (stop ids too)."""
         # eos_id is the end of a document: <|endoftext|> where it exists (Qwen2's config names
         # <|im_end|> instead, its end of turn), else the config's eos_token (Llama's </s>, ...).
         endoftext_id = self._id_of(ENDOFTEXT)
@@ -182,6 +192,48 @@ class Tokenizer:
         self.pad_id = self._config_token_id("pad_token") if "pad_token" in self.config else self._id_of(PAD)
         self.bos_id = self._config_token_id("bos_token")
         self.im_start_id, self.im_end_id = self._id_of(IM_START), self._id_of(IM_END)
+        self.template = self._own_template()
+        """The chat template (ChatML or JinjaTemplate, lmschool/chat_template.py), or None."""
+
+    def _own_template(self) -> ChatML | JinjaTemplate | None:
+        """lmschool's ChatML for a fresh tokenizer or one saved with CHAT_TEMPLATE; the config's own
+        template otherwise (a list of named ones: the "default"); None when a loaded one has none."""
+        source = self.config.get("chat_template")
+        if isinstance(source, list):
+            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+        if source is None:
+            return ChatML() if not self.config and self.has_chat_tokens else None
+        if source == CHAT_TEMPLATE and self.has_chat_tokens:
+            return ChatML()
+        return JinjaTemplate(str(source), template_specials(self.config), self.special_tokens)
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The text of every added special token (<|im_end|>, <|eot_id|>, </s> ...)."""
+        if getattr(self, "_special_tokens", None) is None:   # once: Llama-3 has 256 of them
+            self._special_tokens = [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
+        return self._special_tokens
+
+    def use_chat_template(self, spec: str) -> None:
+        """Render with another template from now on (and save it): "chatml" for lmschool's ChatML
+        (the tokenizer must have <|im_start|>/<|im_end|>), else the path of a Jinja file."""
+        if spec == "chatml":
+            if not self.has_chat_tokens:
+                raise UserError(f"--chat-template chatml needs a tokenizer with the tokens {IM_START} and "
+                                f"{IM_END}, and this one lacks them; give --chat-template FILE.jinja with a "
+                                "template written in the tokenizer's own special tokens")
+            self.config["chat_template"], self.template = CHAT_TEMPLATE, ChatML()
+            return
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"--chat-template {spec}: no such file; give a Jinja chat template file, or "
+                            "chatml for lmschool's ChatML")
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--chat-template {spec}: not UTF-8 text; give a Jinja chat template file") from None
+        self.config["chat_template"] = source
+        self.template = self._own_template()
 
     @property
     def fill_id(self) -> int:
@@ -213,13 +265,11 @@ class Tokenizer:
             raise UserError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
         if (directory / "chat_template.jinja").is_file():  # newer transformers save it apart
             config["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(tok, config)
+        return cls(tok, config, _generation_eos_ids(directory / "generation_config.json"))
 
     def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
-        """Write tokenizer.json and tokenizer_config.json into `directory` (created if needed).
-
-        With the chat tokens present, the chat template saved is always CHAT_TEMPLATE (the one
-        lmschool trains with); without them a loaded tokenizer keeps its own template."""
+        """Write tokenizer.json and tokenizer_config.json into `directory` (created if needed),
+        with the chat template it renders with (CHAT_TEMPLATE for ChatML, else its own)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
@@ -231,8 +281,8 @@ class Tokenizer:
             "unk_token": None,
             "clean_up_tokenization_spaces": False,
         }
-        if self.has_chat_tokens:
-            config["chat_template"] = CHAT_TEMPLATE
+        if self.template is not None:
+            config["chat_template"] = self.template.source
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
         config_text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
@@ -250,13 +300,30 @@ class Tokenizer:
         return self.im_start_id is not None and self.im_end_id is not None
 
     @property
+    def has_chat_template(self) -> bool:
+        return self.template is not None
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """The token that closes an assistant turn under the chat template (<|im_end|> for ChatML),
+        or None without a template or with one whose end of turn cannot be found."""
+        if isinstance(self.template, ChatML) or self.template is None:
+            return self.im_end_id if self.template is not None else None
+        try:
+            return self._id_of(self.template.end_of_turn)
+        except UserError:
+            return None
+
+    @property
     def stop_ids(self) -> list[int]:
-        """Ids that end generation: end of document and end of turn (those this tokenizer has)."""
-        return [i for i in dict.fromkeys([self.eos_id, self.im_end_id]) if i is not None]
+        """Ids that end generation: end of document, end of turn and generation_config.json's
+        eos_token_id (those this tokenizer has)."""
+        end_of_turn = self.im_end_id if self.template is None else self.end_of_turn_id
+        return [i for i in dict.fromkeys([self.eos_id, end_of_turn, *self.generation_stop_ids]) if i is not None]
 
     @property
     def chat_template(self) -> str | None:
-        return CHAT_TEMPLATE if self.has_chat_tokens else self.config.get("chat_template")
+        return self.template.source if self.template is not None else self.config.get("chat_template")
 
     def _id_of(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -295,44 +362,77 @@ class Tokenizer:
     def render(
         self, messages: list[dict], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[int]]:
-        """Token ids of the chat template and the loss mask: 1 on each assistant turn's content
-        and its `<|im_end|>` (so the model learns to stop), 0 on role headers, the "\\n" after
-        each turn and every non-assistant turn."""
-        validate_messages(messages)
-        return self._render(list(_turns(messages, add_generation_prompt)))
+        """Token ids of the chat template and the loss mask: 1 on each assistant turn's answer and
+        its end-of-turn token (`<|im_end|>` in ChatML, so the model learns to stop), 0 on role
+        headers, what follows the end of turn (ChatML's "\\n") and every non-assistant turn."""
+        self._check_messages(messages)
+        return self._render(*self._template().render(messages, add_generation_prompt))
 
     def render_prompt_completion(
         self, prompt: str | list[dict], completion: str | list[dict]
     ) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) of a prompt/completion pair, TRL's conventions: a string prompt is one
         user turn, a string completion one assistant turn. The mask covers the completion's turns
-        only (content + `<|im_end|>`), not assistant turns inside the prompt."""
+        only (answer + end of turn), not assistant turns inside the prompt."""
         prompt_messages = _as_messages(prompt, "user")
         completion_messages = _as_messages(completion, "assistant")
-        validate_messages(prompt_messages)
-        validate_messages(completion_messages)
+        self._check_messages(prompt_messages)
+        self._check_messages(completion_messages)
         if any(m["role"] != "assistant" for m in completion_messages):
             raise UserError("a completion may hold only assistant messages; put other turns in the prompt")
-        pieces = [(piece, False) for piece, _ in _turns(prompt_messages, False)]
-        return self._render(pieces + list(_turns(completion_messages, False)))
+        messages = prompt_messages + completion_messages
+        trained = range(len(prompt_messages), len(messages))
+        return self._render(*self._template().render(messages, trained=trained))
 
-    def _render(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-        """Encode the joined pieces once, then mark every token that overlaps a trained span.
+    def encode_response(self, prompt: list[dict], response: str) -> tuple[list[int], int]:
+        """(ids, prompt_len): the prompt with the generation prompt, then the answer as the template
+        closes it, through its end-of-turn token (the last id). ChatML: render(prompt, True) +
+        encode(response) + [<|im_end|>], the answer's text never read as special tokens; another
+        template: the text its answer adds after the prompt, encoded with it (or apart from it, as
+        TRL encodes a completion, where the prompt's ids would change), so the prompt's ids are
+        those a policy is given."""
+        template = self._template()
+        prompt_ids, _ = self.render(prompt, add_generation_prompt=True)
+        if isinstance(template, ChatML):
+            response_ids = self.encode(response, allow_special=False, add_special_tokens=False)
+            return prompt_ids + response_ids + [self.im_end_id], len(prompt_ids)
+        self._check_messages([{"role": "assistant", "content": response}])
+        text = template.completion_text(prompt, response)
+        # the whole text's ids where the prompt's are a prefix of them (a Metaspace tokenizer would
+        # otherwise open the answer with a word-start mark it never has in context)
+        whole = self.encode(template.text(prompt, add_generation_prompt=True) + text, add_special_tokens=False)
+        if whole[:len(prompt_ids)] == prompt_ids:
+            return whole, len(prompt_ids)
+        return prompt_ids + self.encode(text, add_special_tokens=False), len(prompt_ids)
+
+    def _template(self) -> ChatML | JinjaTemplate:
+        if self.template is None:
+            raise UserError("this tokenizer has no chat template (tokenizer_config.json has no chat_template), so "
+                            "it cannot render conversations; use a checkpoint whose tokenizer has one, or give "
+                            "`lmschool sft --chat-template FILE.jinja` (or `chatml`, for a tokenizer with "
+                            f"{IM_START}/{IM_END})")
+        return self.template
+
+    def _check_messages(self, messages: list[dict]) -> None:
+        """validate_messages, and under another template no message holding one of its special tokens."""
+        validate_messages(messages)
+        if isinstance(self.template, JinjaTemplate):
+            specials = [t for t in self.special_tokens if t]
+            for i, message in enumerate(messages):
+                found = next((t for t in specials if t in message["content"]), None)
+                if found is not None:
+                    raise UserError(f"message {i} ({message['role']}) content contains the special token {found}, "
+                                    "which would break the turn structure; remove it")
+
+    def _render(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Encode the template's text once, then mark every token that overlaps a trained span.
 
         A token straddling a boundary (BPE may merge the header's "\\n" with content that starts
         with a newline) counts as trained, as in Hugging Face's assistant mask: the model must
-        learn to write it. Spans end at `<|im_end|>`, a special token, so their ends never straddle.
+        learn to write it. Spans end at the end-of-turn token, a special token, so their ends never
+        straddle.
         """
-        if not self.has_chat_tokens:
-            raise UserError(f"this tokenizer lacks the chat tokens {IM_START} and {IM_END}, so it cannot "
-                            "render conversations; use a tokenizer from `lmschool tokenizer train` or a "
-                            "checkpoint whose tokenizer has them (e.g. Qwen2)")
-        spans, start = [], 0
-        for piece, trained in pieces:
-            if trained:
-                spans.append((start, start + len(piece)))
-            start += len(piece)
-        encoding = self.backend.encode("".join(piece for piece, _ in pieces), add_special_tokens=False)
+        encoding = self.backend.encode(text, add_special_tokens=False)
         loss_mask, span_index = [], 0
         for token_start, token_end in encoding.offsets:  # offsets are characters, ascending
             while span_index < len(spans) and spans[span_index][1] <= token_start:
@@ -377,10 +477,21 @@ class TextStream:
         return new
 
 
-def check_chat_tokenizer(tokenizer: Tokenizer, path) -> None:
-    """Raise a UserError naming `path` unless its tokenizer has the ChatML tokens."""
-    if not tokenizer.has_chat_tokens:
-        raise UserError(f"{path}: its tokenizer lacks the chat tokens {IM_START} and {IM_END}, so "
-                        "conversations cannot be rendered; fine-tune a checkpoint whose tokenizer has "
-                        "them (one from `lmschool pretrain` or `lmschool tokenizer train`, or a Qwen2 "
-                        "directory)")
+def check_chat_template(tokenizer: Tokenizer, path) -> None:
+    """Raise a UserError naming `path` unless its tokenizer has a chat template to render with."""
+    if not tokenizer.has_chat_template:
+        fix = ("--chat-template chatml (lmschool's ChatML: this tokenizer has its tokens) or FILE.jinja"
+               if tokenizer.has_chat_tokens else "--chat-template FILE.jinja")
+        raise UserError(f"{path}: its tokenizer has no chat template (tokenizer_config.json has no "
+                        "chat_template), so conversations cannot be rendered; use a checkpoint with one, "
+                        f"or give `lmschool sft` {fix}")
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
+    """generation_config.json's eos_token_id (an id or a list of ids), [] without one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return []   # a damaged generation config only loses its extra stop ids; the model check names it
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]

@@ -134,9 +134,11 @@ def test_chat_template_is_the_files_own(imported, ours, from_gguf):
         text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert mine.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
     assert "You are a helpful AI assistant named SmolLM" in text    # its default system turn
-    # with a system turn the file's template is ChatML, so lmschool's render gives the same ids
+    # lmschool renders with the file's own template: the same ids, default system turn included
     text = hf_tokenizer.apply_chat_template([SYSTEM, QUESTION], tokenize=False, add_generation_prompt=True)
     assert prompt_ids(tokenizer) == hf_tokenizer(text)["input_ids"]
+    text = hf_tokenizer.apply_chat_template([QUESTION], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.render([QUESTION], add_generation_prompt=True)[0] == hf_tokenizer(text)["input_ids"]
 
 
 # ---- bad input: one line, exit 2, nothing written --------------------------------------------------
@@ -256,3 +258,42 @@ def test_a_tiny_untied_llama_imports_in_bfloat16(tmp_path):
         ref = theirs(ids).logits
         assert (original(ids) - ref).abs().max().item() <= 1e-4
         assert (ours(ids) - ref).abs().max().item() <= 0.05
+
+
+# ---- SFT on SmolLM2's own chat template (issue 16) ---------------------------------------------
+
+def test_smollm2_keeps_its_own_template_and_masks_answers_and_im_end(imported):
+    """Its tokenizer has <|im_start|>/<|im_end|>, but its own template (default system turn and all)
+    renders, not lmschool's ChatML; the mask is exactly each answer and its <|im_end|>."""
+    from lmschool.chat_template import JinjaTemplate
+    from lmschool.tokenizer import Tokenizer
+    own = json.loads((imported / "tokenizer_config.json").read_text())["chat_template"]
+    tok = Tokenizer.load(imported)
+    assert isinstance(tok.template, JinjaTemplate) and tok.chat_template == own
+    messages = [QUESTION, {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."}]
+    ids, mask = tok.render(messages)
+    assert tok.decode(ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    trained = [t for t, m in zip(ids, mask) if m]
+    im_end = tok.backend.token_to_id("<|im_end|>")
+    assert trained == tok.encode("Paris.", add_special_tokens=False) + [im_end] \
+        + tok.encode("Rome.", add_special_tokens=False) + [im_end]
+    assert tok.end_of_turn_id == im_end and im_end in tok.stop_ids
+
+
+def test_sft_on_smollm2_saves_its_template_back(imported, tmp_path):
+    """An SFT step on the imported SmolLM2: the run's model keeps SmolLM2's template (not ChatML)
+    and stops at <|im_end|>."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(6)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    assert main(["sft", "--init", str(imported), "--data", str(data), "--out", str(out), "max_steps=1",
+                 "batch_size=2", "max_seq_len=48", "warmup_steps=1", "val_fraction=0", "precision=fp32",
+                 "device=cpu", "threads=2", "lr=1e-5", "log_every=1", "eval_every=0", "save_every=0"]) == 0
+    own = json.loads((imported / "tokenizer_config.json").read_text())["chat_template"]
+    assert json.loads((out / "model" / "tokenizer_config.json").read_text())["chat_template"] == own
+    from lmschool.tokenizer import Tokenizer
+    im_end = Tokenizer.load(imported).backend.token_to_id("<|im_end|>")
+    assert im_end in json.loads((out / "model" / "generation_config.json").read_text())["eos_token_id"]

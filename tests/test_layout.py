@@ -83,8 +83,8 @@ def test_modules_have_tests(module):
 
 
 def test_test_files_mirror_the_package():
-    """tests/test_a_b.py tests lmschool/a/b.py (or the package lmschool/a_b/): a reader finds a
-    module's tests by its path."""
+    """tests/test_a_b.py tests lmschool/a/b.py (or the module lmschool/a_b.py, or the package
+    lmschool/a_b/): a reader finds a module's tests by its path."""
     tests = Path(__file__).resolve().parent
     orphans = []
     for t in sorted(tests.glob("test_*.py")):
@@ -92,6 +92,6 @@ def test_test_files_mirror_the_package():
         if t.stem == "test_layout":
             continue
         if not ((PACKAGE.joinpath(*parts[:-1]) / f"{parts[-1]}.py").is_file()
-                or PACKAGE.joinpath(*parts).is_dir()):
+                or (PACKAGE / f"{'_'.join(parts)}.py").is_file() or PACKAGE.joinpath(*parts).is_dir()):
             orphans.append(t.name)
     assert not orphans, f"test files that name no module: {orphans}"

@@ -199,8 +199,12 @@ def test_tokenizer_without_chat_tokens(tmp_path):
     llama = Tokenizer.load(tmp_path)
     assert (llama.bos_id, llama.eos_id, llama.pad_id, llama.im_start_id, llama.im_end_id) == (0, 1, None, None, None)
     assert llama.stop_ids == [1] and llama.chat_template == "{{ messages }}"
-    with pytest.raises(UserError, match="lacks the chat tokens"):
+    # its own template is used (not refused for lacking ChatML tokens), and found unable to end a turn
+    with pytest.raises(UserError, match="ends an assistant answer with no special token"):
         llama.render(CONVERSATIONS[0])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    with pytest.raises(UserError, match="has no chat template .* --chat-template FILE.jinja"):
+        Tokenizer.load(tmp_path).render(CONVERSATIONS[0])
 
 
 # ---- the command -------------------------------------------------------------------------------

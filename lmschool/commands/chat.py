@@ -45,9 +45,9 @@ class Chat:
     def __init__(self, model, tokenizer, *, system: str | None = None, temperature: float = 0.7,
                  top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 256, seed: int | None = None,
                  precision: str = "fp32", note=lambda text: None):
-        if not tokenizer.has_chat_tokens:
-            raise UserError("this checkpoint's tokenizer lacks the chat tokens <|im_start|> and <|im_end|>, "
-                            "so it cannot chat; use an SFT checkpoint (or `lmschool generate` for plain text)")
+        if not tokenizer.has_chat_template:
+            raise UserError("this checkpoint's tokenizer has no chat template, so it cannot chat; use an "
+                            "SFT checkpoint (or `lmschool generate` for plain text)")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.system, self.temperature, self.top_k, self.top_p = system, temperature, top_k, top_p
         self.max_new_tokens, self.seed, self.precision, self.note = max_new_tokens, seed, precision, note
@@ -203,9 +203,10 @@ def run(args: argparse.Namespace) -> int:
                    top_p=args.top_p)  # checks the values
     path = resolve(args.checkpoint)
     tokenizer = Tokenizer.load(path)
-    if not tokenizer.has_chat_tokens:
-        raise UserError(f"{path}: its tokenizer lacks the chat tokens <|im_start|> and <|im_end|>, so it "
-                        "cannot chat; use an SFT checkpoint (or `lmschool generate` for plain text)")
+    if not tokenizer.has_chat_template:
+        raise UserError(f"{path}: its tokenizer has no chat template (tokenizer_config.json has no "
+                        "chat_template), so it cannot chat; use an SFT checkpoint (or `lmschool generate` "
+                        "for plain text)")
     device = pick_device(args.device)
     model = load_model(path, head="lm", device=device)
     chat = Chat(model, tokenizer, system=args.system, temperature=args.temperature, top_k=args.top_k,

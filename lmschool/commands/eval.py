@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from lmschool.data.prompts import read_prompts
     from lmschool.evaluate import evaluate_generations
     from lmschool.judges import make_judge
-    from lmschool.tokenizer import check_chat_tokenizer
+    from lmschool.tokenizer import check_chat_template
     from lmschool.tokenizer import Tokenizer
     from lmschool.runtime import autocast, pick_device, resolve_precision
 
@@ -59,14 +59,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-new-tokens and --batch-size must be >= 1 and --temperature a number >= 0")
     path = resolve(args.checkpoint)
     tokenizer = Tokenizer.load(path)
-    check_chat_tokenizer(tokenizer, path)
+    check_chat_template(tokenizer, path)
     rows = read_prompts(args.data)
     for flag, target in (("--out", args.out), ("--answers", args.answers)):
         if target is not None:
             check_output_file(target, args.force, flag)   # before the answers are sampled
     device = pick_device(args.device)
     judge = make_judge(args.scorer, args.reward, beside=[args.data], tokenizer=tokenizer, device=device,
-                       batch_size=args.batch_size, policy_name=f"CKPT {path}", probe=rows[0]["prompt"])
+                       batch_size=args.batch_size, policy_name=f"CKPT {path}", probe=rows[0])
     model = load_model(path, head="lm", device=device).eval()
 
     precision = resolve_precision(device, args.precision)

@@ -46,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.load(path)
 
     if args.chat:
-        if tokenizer.im_end_id is None:
-            raise UserError(f"{path}: the tokenizer has no end-of-turn token, so --chat cannot be used; "
-                            "leave --chat out to continue plain text")
+        if tokenizer.end_of_turn_id is None:
+            raise UserError(f"{path}: the tokenizer has no chat template with an end-of-turn token, so --chat "
+                            "cannot be used; leave --chat out to continue plain text")
         prompt, _ = tokenizer.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        stop = [i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None]
+        stop = list(dict.fromkeys([tokenizer.end_of_turn_id, *tokenizer.stop_ids]))
     else:
         prompt = tokenizer.encode(args.prompt)
         stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []

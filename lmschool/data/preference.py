@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmschool.data.jsonl import check_conversation, read_jsonl
-from lmschool.errors import DataError, UserError
+from lmschool.data.jsonl import check_conversation
+from lmschool.data.sources import read_rows
+from lmschool.errors import DataError
 from lmschool.losses.lm import IGNORE
 
 FORMAT_HINT = ('expected {"prompt": "..." | [messages ending with a user turn], "chosen": "..." | '
@@ -137,7 +138,7 @@ def read_pairs(path: str | Path, *, split: str | None = None) -> list[Pair]:
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be None, 'train' or 'test', not {split!r}")
     pairs, rows = [], 0
-    for where, row in read_jsonl(path, FORMAT_HINT):
+    for where, row in read_rows(path, FORMAT_HINT):
         rows += 1
         pair = parse_pair(row, where)
         if split is None or pair.split == split:
@@ -150,17 +151,12 @@ def read_pairs(path: str | Path, *, split: str | None = None) -> list[Pair]:
 # ---- token ids --------------------------------------------------------------------------------
 
 def encode_response(tokenizer, prompt: list[dict], response: str) -> tuple[list[int], int]:
-    """(ids, prompt_len): render(prompt, add_generation_prompt=True) + encode(response) + [<|im_end|>].
-
-    The response's tokens are ids[prompt_len:], ending with <|im_end|>. The same ids as rendering
-    the whole conversation (the template's final "\\n" aside): the header ends with "\\n" and the
+    """(ids, prompt_len): the prompt with the generation prompt, then the answer through its
+    end-of-turn token (`Tokenizer.encode_response`). The response's tokens are ids[prompt_len:],
+    ending with the end of turn (ChatML's <|im_end|>). With ChatML, the same ids as rendering the
+    whole conversation (the template's final "\\n" aside): the header ends with "\\n" and the
     pre-tokenizer never merges a newline with the letters after it."""
-    if tokenizer.im_end_id is None:
-        raise UserError("the tokenizer has no end-of-turn token <|im_end|>, so answers cannot be "
-                        "encoded; use a checkpoint whose tokenizer has the chat tokens")
-    prompt_ids, _ = tokenizer.render(prompt, add_generation_prompt=True)
-    response_ids = tokenizer.encode(response, allow_special=False, add_special_tokens=False)
-    return prompt_ids + response_ids + [tokenizer.im_end_id], len(prompt_ids)
+    return tokenizer.encode_response(prompt, response)
 
 
 def fit_to_length(ids: list[int], prompt_len: int, max_len: int, where: str) -> tuple[list[int], int]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 
-from lmschool.data.jsonl import check_conversation, read_jsonl
+from lmschool.data.jsonl import check_conversation
+from lmschool.data.sources import read_rows
 from lmschool.errors import DataError
 
 PROMPT_FORMAT = ('expected {"prompt": "..." | [messages ending with a user turn]} (optional: "category", '
@@ -23,7 +24,7 @@ def read_prompts(path) -> list[dict]:
     A {"messages": [...]} row is taken as the prompt up to its last user turn, with the
     assistant turn after it as "reference". Other keys are kept. Raises DataError at file:line."""
     rows = []
-    for where, row in read_jsonl(path, PROMPT_FORMAT):
+    for where, row in read_rows(path, PROMPT_FORMAT):
         if "prompt" in row:
             prompt = row["prompt"]
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

@@ -5,9 +5,10 @@ Formats, one JSON object per line (blank lines skipped, other keys such as "cate
     {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
     {"prompt": "..." | [messages], "completion": "..." | [assistant messages]}
 
-Every conversation is rendered by the tokenizer's one chat template (`Tokenizer.render`,
-`render_prompt_completion`), never here. Its loss mask (`loss_on="assistant"`, the default) covers
-each assistant turn's content and its `<|im_end|>`, so the model learns to stop; `loss_on="all"`
+Every conversation is rendered by the tokenizer's chat template (`Tokenizer.render`,
+`render_prompt_completion`: the checkpoint's own, or lmschool's ChatML), never here. Its loss mask
+(`loss_on="assistant"`, the default) covers each assistant turn's answer and its end-of-turn token
+(`<|im_end|>` in ChatML), so the model learns to stop; `loss_on="all"`
 trains on every token. An example of L tokens gives L-1 next-token positions; tokens after the last
 trained one (the "\\n" that closes the last turn) teach nothing and are cut off.
 
@@ -48,8 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmschool.data.jsonl import check_conversation, read_jsonl
-from lmschool.errors import DataError
+from lmschool.data.jsonl import check_conversation
+from lmschool.data.sources import read_rows
+from lmschool.errors import DataError, UserError
 from lmschool.losses.lm import IGNORE
 
 FORMAT_HINT = ('expected {"messages": [{"role": ..., "content": ...}, ...]} or '
@@ -60,6 +62,13 @@ FORMAT_HINT = ('expected {"messages": [{"role": ..., "content": ...}, ...]} or '
 
 def render_row(row: dict, where: str, tokenizer) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of one data row in either format, through the tokenizer's chat template."""
+    try:
+        return _render_row(row, where, tokenizer)
+    except UserError as e:   # the chat template refused it: name the row
+        raise DataError(f"{where}: {e}") from None
+
+
+def _render_row(row: dict, where: str, tokenizer) -> tuple[list[int], list[int]]:
     if "messages" in row:
         messages = check_conversation(row["messages"], where)
         return tokenizer.render(messages)
@@ -125,7 +134,7 @@ def load_examples(paths: list[Path], tokenizer, max_seq_len: int, *, loss_on: st
     examples, stats = [], LoadStats()
     for path in paths:
         before = stats.rows
-        for where, row in read_jsonl(path, FORMAT_HINT):
+        for where, row in read_rows(path, FORMAT_HINT):
             stats.rows += 1
             ids, mask = render_row(row, where, tokenizer)
             example = make_example(ids, mask, where, loss_on)    # never None: an answer is trained

@@ -31,7 +31,7 @@ import torch
 from lmschool.data.preference import (check_fields, collate_rows, encode_response, fingerprint,
                                       fit_to_length, parse_pair, read_answer, read_meta, read_prompt,
                                       step_indices)
-from lmschool.data.jsonl import read_jsonl
+from lmschool.data.sources import read_rows
 from lmschool.errors import DataError
 
 FORMAT_HINT = ('expected {"prompt": "..." | [messages ending with a user turn], "completion": "..." | '
@@ -72,7 +72,7 @@ def parse_completion(row: dict, where: str) -> Completion:
 def read_unpaired(path: str | Path, *, split: str | None = None) -> list[Completion]:
     """Every answer of an unpaired JSONL file (pair lines give two), or those of one split."""
     out, rows = [], 0
-    for where, row in read_jsonl(path, FORMAT_HINT):
+    for where, row in read_rows(path, FORMAT_HINT):
         rows += 1
         if "completion" not in row and "chosen" in row:
             pair = parse_pair(row, where)

@@ -31,7 +31,7 @@ from lmschool.checkpoint import check_kind, read_config, resolve
 from lmschool.errors import UserError
 from lmschool.files import (RUN_MARKER, atomic_write_text, check_replaceable, check_writable, clean_leftovers,
                             is_output, staging_dir, swap_in)
-from lmschool.tokenizer import Tokenizer, check_chat_tokenizer
+from lmschool.tokenizer import Tokenizer, check_chat_template
 
 DATA_FILE = "data.json"
 """RUN/data.json: what the run trains on (its fingerprint, counts), to check on --resume."""
@@ -116,14 +116,23 @@ def finish_run(run: RunDir, summary: dict) -> Path:
 
 # ---- the preamble ------------------------------------------------------------------------------
 
-def open_init(path: str | Path, flag: str = "--init") -> tuple[Path, Tokenizer]:
+def open_init(path: str | Path, flag: str = "--init", chat_template: str | None = None) -> tuple[Path, Tokenizer]:
     """The checkpoint a stage starts from (a run or model directory, resolved), which must be a
-    policy with a chat tokenizer, and that tokenizer."""
+    policy whose tokenizer has a chat template, and that tokenizer. `chat_template` ("chatml" or a
+    Jinja file, `--chat-template`) replaces the checkpoint's own template (and is saved with the run)."""
     init = resolve(path)
     check_kind(init, "policy", flag)
     tokenizer = Tokenizer.load(init)
-    check_chat_tokenizer(tokenizer, init)
+    if chat_template is not None:
+        tokenizer.use_chat_template(chat_template)
+    check_chat_template(tokenizer, init)
     return init, tokenizer
+
+
+def add_chat_template_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chat-template", metavar="chatml|FILE.jinja",
+                        help="render conversations with this template instead of the checkpoint's own (saved "
+                             "with the run, so later stages use it): chatml for lmschool's ChatML, or a Jinja file")
 
 
 def context_length(init: Path) -> int | None:

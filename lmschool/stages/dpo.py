@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     eval_rows = read_prompts(args.eval) if args.eval else None
     scorer = reference_records = None
     if eval_rows is not None:
-        scorer = make_judge(args.scorer, beside=[args.eval], probe=eval_rows[0]["prompt"])
+        scorer = make_judge(args.scorer, beside=[args.eval], probe=eval_rows[0])
         # the SFT model's answers: --reference-answers, else those of the --reference (or --init) run
         explicit = args.reference_answers is not None
         answers = args.reference_answers if explicit else run_file(args.reference or args.init, "eval_answers.jsonl")

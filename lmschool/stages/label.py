@@ -255,9 +255,11 @@ def label(rows: list[dict], answers: list[list[Answer]], scores: list[list[float
 def rate(rows: list[dict], answers: list[list[Answer]], judge) -> list[list[float]]:
     """The noise-free score of every answer by a judges.Judge: the teacher's rubric total, or the
     scorer's value. All answers go to the judge at once, each prompt's K answers together."""
+    from lmschool.judges import row_fields
+
     flat = [(g, a) for g, group in enumerate(answers) for a in group]
     values, _ = judge([rows[g]["prompt"] for g, _ in flat], [a.text for _, a in flat],
-                      category=[rows[g].get("category") for g, _ in flat])
+                      **row_fields([rows[g] for g, _ in flat]))
     out: list[list[float]] = [[] for _ in answers]
     for (g, _), v in zip(flat, values):
         out[g].append(v)
@@ -297,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     rows = read_prompts(args.prompts)
     if cfg.max_prompts:
         rows = rows[:cfg.max_prompts]
-    judge = make_judge(args.scorer, beside=[args.prompts], probe=rows[0]["prompt"])
+    judge = make_judge(args.scorer, beside=[args.prompts], probe=rows[0])
     temperature = cfg.rater_temperature
     if temperature is None:
         temperature = 0.0 if args.scorer not in (None, "teacher") else RATER_TEMPERATURE

@@ -77,7 +77,7 @@ from lmschool.data.prompts import fitting_prompts, read_prompts
 from lmschool.errors import UserError
 from lmschool.files import atomic_write_text
 from lmschool.generate import generate
-from lmschool.judges import TeacherJudge, make_judge, school_teacher, world_file
+from lmschool.judges import TeacherJudge, make_judge, row_fields, school_teacher, world_file
 from lmschool.losses.lm import lm_loss
 from lmschool.losses.ppo import (ADVANTAGES, KLController, explained_variance, gae, kl_penalty, masked_mean,
                                  masked_whiten, policy_loss, token_rewards, value_loss)
@@ -303,7 +303,7 @@ class PPO:
                            temperature=cfg.temperature, stop_ids=tok.stop_ids, pad_id=self.pad_id,
                            seed=cfg.seed * 1_000_003 + step, return_logprobs=True)
         rollout_s = time.time() - t0
-        ended = torch.tensor([bool(t) and t[-1] == tok.im_end_id for t in gen.tokens], device=self.device)
+        ended = torch.tensor([bool(t) and t[-1] == tok.end_of_turn_id for t in gen.tokens], device=self.device)
         rollout = Rollout.build([self.prompt_ids[i] + t for i, t in zip(index, gen.tokens)],
                                 [len(self.prompt_ids[i]) for i in index], self.pad_id, self.device)
         texts = [tok.decode(t, skip_special=True).strip() for t in gen.tokens]
@@ -315,7 +315,8 @@ class PPO:
 
         # 2.-4. scores, log-probs, values, advantages: into the record
         t1 = time.time()
-        raw_scores, non_score = self.prepare(rollout, ended, prompts, texts)
+        raw_scores, non_score = self.prepare(rollout, ended, prompts, texts,
+                                             row_fields([self.prompts[i] for i in index]))
         prepare_s = time.time() - t1
 
         # 5. updates (with single_step, they fill in the old log-probs and entropy)
@@ -358,15 +359,16 @@ class PPO:
             metrics.update(self.periodic_eval())
         return metrics
 
-    def prepare(self, rollout: Rollout, ended: torch.Tensor, prompts: list, texts: list[str]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, rollout: Rollout, ended: torch.Tensor, prompts: list, texts: list[str],
+                fields: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 2.-4. of an iteration, no gradient: fill in the rollout's scores, log-probs
         (policy, unless single_step, and reference), values, advantages and returns. Returns the
-        raw scores (N,) and the non-score (KL) reward (N, R), for the metrics."""
+        raw scores (N,) and the non-score (KL) reward (N, R), for the metrics. fields: the prompts'
+        other columns, per rollout, for a --scorer (judges.row_fields)."""
         cfg, chunk, mask = self.cfg, self.cfg.minibatch_size, rollout.mask
         with torch.no_grad(), autocast(self.device, self.precision):
             raw_scores = self.reward.rollout_scores(prompts, texts, rollout.input_ids, rollout.last_index,
-                                                    chunk).float()                       # (N,)
+                                                    chunk, **(fields or {})).float()     # (N,)
             T = cfg.temperature
             if not cfg.single_step:   # else the update's forward fills them in
                 rollout.old_logprobs, rollout.entropy = in_chunks(
@@ -534,7 +536,7 @@ def run(args: argparse.Namespace) -> int:
     # the reward (checks --reward's kind and tokenizer, --scorer's import), and the teacher that
     # judges the rollouts too when the school world is known
     reward = make_judge(args.scorer, args.reward, beside=[args.prompts], tokenizer=tokenizer, device=device,
-                        batch_size=cfg.eval_batch_size, probe=prompts[0]["prompt"])
+                        batch_size=cfg.eval_batch_size, probe=prompts[0])
     teacher = (TeacherJudge(school_teacher(args.prompts, args.eval))
                if world_file(args.prompts, args.eval) or args.scorer == "teacher" else None)
 
@@ -628,10 +630,12 @@ def finish(loop: PPO, args, cfg: PPOConfig, out: Path, eval_rows) -> dict:
             max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
             kl_samples=cfg.kl_samples, seed=cfg.seed)
         answered = [r for r in records if r.get("response") is not None]
-        rm, _ = loop.reward([r["prompt"] for r in answered], [r["response"] for r in answered])
+        fields = row_fields([row for row, r in zip(eval_rows, records) if r.get("response") is not None])
+        rm, _ = loop.reward([r["prompt"] for r in answered], [r["response"] for r in answered], **fields)
         sft_rm = None
         if answered and all(r.get("reference_response") is not None for r in answered):
-            sft_rm, _ = loop.reward([r["prompt"] for r in answered], [r["reference_response"] for r in answered])
+            sft_rm, _ = loop.reward([r["prompt"] for r in answered], [r["reference_response"] for r in answered],
+                                    **fields)
     for r, v in zip(answered, rm):
         r["rm_reward"] = v
     summary.update(results)

@@ -5,17 +5,18 @@
         [key=value ...]
     torchrun --nproc_per_node=2 -m lmschool sft ...          # the same, on two processes
 
---init is a pre-training run directory or a local Hugging Face Llama/Qwen2 directory; its tokenizer
-must have the chat tokens. The model shape, tokenizer and context (max_seq_len defaults to the
+--init is a pre-training run directory or a local Hugging Face Llama/Mistral/Qwen directory;
+conversations are rendered with its tokenizer's own chat template (lmschool's ChatML for a model it
+pre-trained), or the one --chat-template names (chatml, or a Jinja file), which the run saves. The model shape, tokenizer and context (max_seq_len defaults to the
 checkpoint's max_position_embeddings) come from it. --data is chat JSONL (`{"messages": [...]}` or
 `{"prompt", "completion"}`, see lmschool/data/sft.py for the rules, truncation included).
 --replay adds `replay_windows` windows of pre-training text to every step, so that the model does
 not forget what it read but is not asked about in SFT (lmschool.data.sft.WithReplay).
 
 Steps: read and check every line of the data (and of --eval) before --out is touched; render them
-through the tokenizer's one chat template; hold out `val_fraction` of the conversations; train with
+through the tokenizer's chat template; hold out `val_fraction` of the conversations; train with
 the one loop (trainer.fit) on batches padded by length bucket or packed; then write RUN/model (a
-Hugging Face checkpoint that stops at <|im_end|>), RUN/summary.json and, with --eval, the answers to
+Hugging Face checkpoint that stops at its template's end of turn), RUN/summary.json and, with --eval, the answers to
 the eval prompts in RUN/eval_answers.jsonl, judged by the school world's teacher (the world.json
 beside the eval file) or by --scorer module:function.
 
@@ -43,14 +44,14 @@ from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
 from lmschool.data.prompts import read_prompts
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
 from lmschool.data.text import check_data
-from lmschool.data.jsonl import read_jsonl
+from lmschool.data.sources import read_rows
 from lmschool.errors import UserError
 from lmschool.evaluate import evaluate_generations, evaluate_sampled, judge_demonstrations
 from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
 from lmschool.losses.lm import IGNORE, lm_loss, target_lm_loss, token_nll
 from lmschool.runtime import autocast
-from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, finish_run,
+from lmschool.stages.common import (Timer, add_chat_template_argument, add_run_arguments, check_same_data, check_vocab, finish_run,
                                     load_stage_config, max_length, open_init, open_run, save_resolved_config,
                                     write_data_info)
 from lmschool.trainer import TrainConfig, fit
@@ -126,6 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", metavar="MODULE:FUNCTION",
                         help="judge --eval answers with this (prompts, responses) -> [float] function "
                              "instead of the school world's teacher")
+    add_chat_template_argument(parser)
     add_run_arguments(parser)
 
 
@@ -136,14 +138,14 @@ def run(args: argparse.Namespace) -> int:
     # --- everything is checked before --out is touched ---
     if args.scorer and not args.eval:   # it would be silently unused
         raise UserError("--scorer judges the --eval answers; give --eval FILE too, or leave out --scorer")
-    init, tokenizer = open_init(args.init)
+    init, tokenizer = open_init(args.init, chat_template=args.chat_template)
     cfg.max_seq_len = max_length(cfg.max_seq_len, "max_seq_len", init)
     examples, stats = load_examples(args.data, tokenizer, cfg.max_seq_len, loss_on=cfg.loss_on,
                                     truncation=cfg.truncation)
     eval_rows = read_prompts(args.eval) if args.eval else None
     scorer = None
     if eval_rows is not None:
-        scorer = make_judge(args.scorer, beside=[args.eval], probe=eval_rows[0]["prompt"])
+        scorer = make_judge(args.scorer, beside=[args.eval], probe=eval_rows[0])
     if args.replay:
         check_data(args.replay)  # readable, UTF-8, not empty
     train, val = split_examples(examples, cfg.val_fraction, cfg.seed)
@@ -224,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
 
 def read_conversations(paths: list[Path]) -> list[dict]:
     """The rows of the --data files, as written (for judging the demonstrations themselves)."""
-    return [row for path in paths for _, row in read_jsonl(path, "--data")]
+    return [row for path in paths for _, row in read_rows(path, "--data")]
 
 
 def replay_source(paths: list[Path], tokenizer, directory: Path, cfg: SFTConfig, dist,
