@@ -46,6 +46,7 @@ from typing import Literal
 import torch
 
 from lmschool import distributed
+from lmschool.adapters import WithoutAdapters, for_training
 from lmschool.checkpoint import check_kind, load_model, resolve
 from lmschool.config import check
 from lmschool.data.preference import PairBatches, read_pairs
@@ -306,7 +307,11 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.seed)
     policy = load_model(init, head="lm")   # a damaged --init or --reference stops here, before --out
-    reference = load_model(reference_dir, head="lm").requires_grad_(False)   # the SFT model: frozen
+    policy = for_training(policy, cfg.lora, base=init, seed=cfg.seed)
+    if cfg.lora.enabled and reference_dir == init:   # the reference is the policy with its adapters off
+        reference = WithoutAdapters(policy)
+    else:
+        reference = load_model(reference_dir, head="lm").requires_grad_(False)   # the SFT model: frozen
     check_vocab(policy, tokenizer, f"--init {init}")
     run = open_run(args.out, args, dist, "dpo")
     if run.finished:
