@@ -156,7 +156,7 @@ class MetricSinks:
 
             import wandb
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lmschool"), name=run_dir.name,
-                                  dir=str(run_dir), config=config or {}, reinit=True)
+                                  dir=str(run_dir), config=config or {})
 
     @staticmethod
     def scalars(record: dict) -> dict[str, float]:
