@@ -250,6 +250,32 @@ def test_a_lora_run_resumes_as_an_uninterrupted_one(sft, world, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_a_lora_ppo_run_with_a_lora_critic_resumes_as_an_uninterrupted_one(sft, world, tmp_path):
+    """The critic's adapters and head travel in trainer_state.pt (its trained tensors only)."""
+    def ppo(out, *extra):
+        return main(["ppo", "--init", str(sft), "--scorer", "teacher", "--prompts", str(world / "prompts.jsonl"),
+                     "--out", str(out), "max_steps=4", "lora.r=4", "batch_size=4", "minibatch_size=4",
+                     "max_new_tokens=6", "lr=1e-2", "critic_lr=1e-2", *CPU, *extra])
+
+    assert ppo(tmp_path / "full") == 0
+    part = tmp_path / "part"
+    assert ppo(part, "save_every=2") == 0
+    state = torch.load(part / "checkpoints" / "step-00000002" / "trainer_state.pt", weights_only=True)
+    assert set(state["critic"]) == {n for n, p in load_model(sft, head="score", new_head=True).named_parameters()
+                                    if n == "score.weight"} | {k for k in state["critic"] if "lora_" in k}
+    shutil.rmtree(part / "model")
+    (part / "summary.json").unlink()
+    assert ppo(part, "save_every=2", "--resume") == 0
+
+    def untimed(path):
+        return [{k: v for k, v in json.loads(x).items() if not k.endswith(("seconds", "per_s"))}
+                for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert untimed(tmp_path / "full") == untimed(part)
+    a, b = load_model(tmp_path / "full"), load_model(part)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 
 def test_targets_that_name_no_projection_are_refused(sft, world, tmp_path, capsys):
