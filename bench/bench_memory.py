@@ -72,6 +72,9 @@ def run_config(name: str, model: Path, data: Path, out: Path, args) -> dict:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9:   # the kernel's OOM killer: its peak is a lower bound
+        return {"config": name, "peak_rss_mb": usage.ru_maxrss / 1024, "killed": True, "seconds_per_step": None,
+                "seconds_reference_pass": None, "wall_s": time.time() - t0, "train_loss": None}
     if status != 0:
         sys.exit(f"bench_memory: {name} failed:\n{output}")
     summary = json.loads((out / "summary.json").read_text())
@@ -104,10 +107,12 @@ def main() -> None:
           f"{args.steps} steps ({platform.processor() or platform.machine()})")
     print("| configuration | peak RSS (MB) | vs full | s / step | reference pass (s) |")
     print("|---|---|---|---|---|")
-    for r in rows:
-        ratio = f"{r['peak_rss_mb'] / full['peak_rss_mb']:.2f}" if full else "-"
-        print(f"| {r['config']} | {r['peak_rss_mb']:.0f} | {ratio} | {r['seconds_per_step']:.1f} | "
-              f"{r['seconds_reference_pass']:.1f} |")
+    for r in rows:   # a run the OOM killer ended: its peak so far, a lower bound (">=")
+        at_least = ">= " if r.get("killed") else ""
+        ratio = f"{'<= ' if full and full.get('killed') else ''}{r['peak_rss_mb'] / full['peak_rss_mb']:.2f}" if full else "-"
+        speed = "killed (out of memory)" if r.get("killed") else f"{r['seconds_per_step']:.1f}"
+        ref = "-" if r.get("killed") else f"{r['seconds_reference_pass']:.1f}"
+        print(f"| {r['config']} | {at_least}{r['peak_rss_mb']:.0f} | {ratio} | {speed} | {ref} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
