@@ -284,3 +284,28 @@ def test_a_stage_logs_the_same_figures_with_gradient_checkpointing(world, tmp_pa
         runs[on] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(runs[False], runs[True]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_dpo_log_probs_with_a_checkpointed_head_give_the_same_gradients():
+    """With gradient checkpointing, DPO checkpoints the LM head and its log-softmax too, two rows at
+    a time (its logits are most of a LoRA run's memory): the same log-probs and gradients."""
+    from lmschool.losses.preference import sequence_logprobs
+    from lmschool.stages.dpo import policy_logprobs
+    model = build_model(GC_CFG, seed=0)
+    labels = GC_IDS.clone()
+    labels[:, :6] = -100
+    runs = []
+    for on in (False, True):
+        set_gradient_checkpointing(model, on)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        logps = policy_logprobs(model, GC_IDS, labels)                     # (3,): 2 rows, then 1
+        (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        runs.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=1e-5)
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    model.eval()
+    with torch.no_grad():   # outside training: the plain path
+        assert torch.equal(policy_logprobs(model, GC_IDS, labels), sequence_logprobs(model(GC_IDS), labels))
