@@ -17,6 +17,13 @@ missing, truncated or changed, unreadable or non-finite weights); resume takes t
 checkpoint without a problem and says which it skipped; loading a damaged model is one clear
 error. Weights that are not finite are never written as a checkpoint. Loads are safetensors, and
 `torch.load(weights_only=True)` for resume state: no pickled code from a file is ever executed.
+
+A model with LoRA adapters (lmschool/adapters.py) is written as a PEFT adapter directory instead:
+`adapter_config.json` + `adapter_model.safetensors` (peft loads it onto its base), the tokenizer,
+`generation_config.json` and `lmschool_config.json` (the config.json the merged model has; no
+config.json, or transformers would look for full weights there). `load_model` of such a directory
+loads its base (base_model_name_or_path), applies the adapter and merges it: a LoRA run is usable
+wherever a checkpoint is, as the plain model it stands for.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmschool import adapters
 from lmschool.errors import UserError
 from lmschool.files import atomic_dir, ordinary_file
 from lmschool.hf import from_hf_config, to_hf_config
@@ -42,16 +50,22 @@ MANIFEST = "manifest.json"
 def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra: dict | None = None) -> None:
     """Write the HF files of `model` (and its tokenizer) into an existing directory."""
     directory = Path(directory)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict_for_save().items()}
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    ordinary_file(directory / "model.safetensors")   # safetensors writes it 0600: readable like its neighbours
+    weights = "model.safetensors"
+    if adapters.has_adapters(model):
+        adapters.save_adapter(directory, model)
+        weights = adapters.ADAPTER_WEIGHTS
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict_for_save().items()}
+        save_file(tensors, str(directory / weights), metadata={"format": "pt"})
+    ordinary_file(directory / weights)   # safetensors writes it 0600: readable like its neighbours
     ids, stop = {}, []
     if tokenizer is not None:
         tokenizer.save(directory)
         stop = list(tokenizer.stop_ids)
         ids = dict(bos_token_id=None, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     cfg = to_hf_config(model.config, model.head, extra=extra, **ids)
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    config_name = adapters.LMSCHOOL_CONFIG if adapters.has_adapters(model) else "config.json"
+    (directory / config_name).write_text(json.dumps(cfg, indent=2) + "\n")
     if model.head == "lm":
         gen = {"_from_model_config": False, "do_sample": False}
         if tokenizer is not None:
@@ -116,13 +130,14 @@ def checkpoint_problem(directory: Path) -> str | None:
     problem = manifest_problem(directory)
     if problem:
         return problem
-    for name in ("config.json", "model.safetensors", STATE_FILE):
+    weights = weights_file(directory)
+    for name in (config_file(directory).name, weights.name, STATE_FILE):
         if not (directory / name).is_file():
             return f"{name} is missing"
     try:
-        tensors = load_file(str(directory / "model.safetensors"))
+        tensors = load_file(str(weights))
     except Exception as e:   # safetensors raises its own error types for a damaged file
-        return f"model.safetensors cannot be read ({str(e)[:80]})"
+        return f"{weights.name} cannot be read ({str(e)[:80]})"
     bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad:
         return f"its weights are not finite ({bad})"
@@ -141,12 +156,27 @@ def check_finite(model: torch.nn.Module, where: Path) -> None:
                         "Try a lower lr or grad_clip")
 
 
+def config_file(path: Path) -> Path:
+    """A model directory's config.json, or an adapter directory's lmschool_config.json."""
+    return path / (adapters.LMSCHOOL_CONFIG if adapters.is_adapter_dir(path) else "config.json")
+
+
+def weights_file(path: Path) -> Path:
+    """A model directory's model.safetensors, or an adapter directory's adapter_model.safetensors."""
+    return path / (adapters.ADAPTER_WEIGHTS if adapters.is_adapter_dir(path) else "model.safetensors")
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether `path` holds a model: full weights' config.json, or a LoRA adapter."""
+    return (path / "config.json").is_file() or (path / adapters.ADAPTER_CONFIG).is_file()
+
+
 def resolve(path: str | Path) -> Path:
     """A model directory from a path that is one, or a run directory (its final or latest model)."""
     path = Path(path)
-    if (path / "config.json").is_file():
+    if is_model_dir(path):
         return path
-    if (path / "model" / "config.json").is_file():
+    if is_model_dir(path / "model"):
         return path / "model"
     latest = latest_checkpoint(path)
     if latest is not None:
@@ -159,12 +189,15 @@ def resolve(path: str | Path) -> Path:
 
 def read_config(path: str | Path) -> dict:
     path = resolve(path)
+    file = config_file(path)
+    if not file.is_file():   # a PEFT adapter written by another tool: the config is its base's
+        return read_config(adapters.adapter_base(path, adapters.read_adapter_config(path)))
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+        raise UserError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(config, dict):   # every reader calls .get on it
-        raise UserError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object of "
+        raise UserError(f"{file} holds a JSON {type(config).__name__}, not an object of "
                         "model settings; restore the checkpoint's config.json")
     return config
 
@@ -203,6 +236,8 @@ def load_model(path: str | Path, head: str | None = None, *, new_head: bool = Fa
     problem = manifest_problem(path)
     if problem:
         raise UserError(f"{path} is damaged: {problem}; use another checkpoint of the run, or train again")
+    if adapters.is_adapter_dir(path):
+        return load_adapter_model(path, head, new_head=new_head, device=device, dtype=dtype)
     cfg, saved_head = from_hf_config(read_config(path), str(path / "config.json"))
     head = head or saved_head
     if head != saved_head and not new_head:
@@ -233,6 +268,47 @@ def load_model(path: str | Path, head: str | None = None, *, new_head: bool = Fa
         raise UserError(f"{path}: its weights are not finite ({bad}); the run that wrote it diverged: "
                         "use an earlier checkpoint of it")
     model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
+    return model.to(device=device, dtype=dtype)
+
+
+def load_adapter_model(path: Path, head: str | None = None, *, new_head: bool = False, merge: bool = True,
+                       base: Path | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Transformer:
+    """A LoRA adapter directory as a model: its base (`base`, default its base_model_name_or_path)
+    with the adapter applied, merged into the weights (`merge`) or kept as adapters."""
+    adapter = adapters.read_adapter_config(path)
+    base = base or adapters.adapter_base(path, adapter)
+    if adapters.is_adapter_dir(resolve(base)):
+        raise UserError(f"{path}: its base {base} is a LoRA adapter itself; lmschool applies one adapter onto "
+                        "a full checkpoint: merge the base first (`lmschool merge`) and point the adapter at it")
+    _, saved_head = from_hf_config(read_config(path), str(config_file(path)))
+    head = head or saved_head
+    if head != saved_head and not new_head:
+        kinds = {"lm": "a policy (ForCausalLM)", "score": "a reward model (ForSequenceClassification)"}
+        raise UserError(f"{path} is {kinds[saved_head]}, but {kinds[head]} is expected here")
+    model = load_model(base, head=saved_head, new_head=True)
+    lora = adapters.lora_config_of(adapter)
+    saved = tuple(adapter.get("modules_to_save") or ())
+    adapters.add_lora(model, lora, base=str(base), modules_to_save=tuple(m for m in saved if hasattr(model, m)))
+    weights = path / adapters.ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:   # safetensors raises its own error types for a damaged file
+        raise UserError(f"{weights} cannot be read ({str(e)[:80]}); the file is damaged: use another "
+                        "checkpoint of the run, or train again") from None
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{path}: its weights are not finite ({bad}); the run that wrote it diverged: "
+                        "use an earlier checkpoint of it")
+    adapters.load_adapter_state(model, tensors, str(weights))
+    if merge:
+        adapters.merge_adapters(model)
+    if head != saved_head:   # e.g. a critic from a LoRA policy: its backbone, a new head
+        fresh = Transformer(model.config, head)
+        init_weights(fresh, seed=0)
+        fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("model.")},
+                              strict=False)
+        model = fresh
     return model.to(device=device, dtype=dtype)
 
 

@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("lmschool.commands.chat", "talk with a chat model: streamed answers, /reset, /system, /temperature, /quit"),
     "eval": ("lmschool.commands.eval",
              "answer eval prompts with a checkpoint and judge them (school world teacher or --scorer)"),
+    "merge": ("lmschool.commands.merge",
+              "fold a LoRA adapter into its base model: a plain Hugging Face checkpoint"),
     "run": ("lmschool.commands.run",
             "run the whole pipeline on the school world (world, pre-training, SFT, feedback) and write a report"),
     "report": ("lmschool.commands.report", "write report.md, report.json and plots for a `lmschool run` directory"),

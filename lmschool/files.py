@@ -29,7 +29,7 @@ OUTPUTS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
     # a stage's run directory (the marker, or config.yaml for runs made before the marker)
     "run": (frozenset({RUN_MARKER, "config.yaml", "metrics.jsonl", "summary.json", "eval_answers.jsonl",
                        "data.json", "model", "checkpoints", "data", "tokenizer", "replay", "ptx",
-                       "test_rewards.jsonl"}), (RUN_MARKER, "config.yaml")),
+                       "test_rewards.jsonl", "tensorboard", "wandb"}), (RUN_MARKER, "config.yaml")),
     "world": (frozenset({"README.md", "corpus.txt", "sft.jsonl", "prompts.jsonl", "prefs.jsonl", "eval.jsonl",
                          "world.json"}), ("world.json",)),
     "tokenizer": (frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from lmschool.config import check
 
@@ -292,6 +293,7 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False   # see set_gradient_checkpointing
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None,
                 segment_ids=None):
@@ -312,8 +314,12 @@ class Backbone(nn.Module):
             attn_mask = padding_mask(valid, T)                                        # (B, 1, T, S)
         x = self.embed_tokens(input_ids)                                             # (B, T, C)
         cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]                # (b, 1, T, D)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, cache)
+            if recompute:   # keep only each block's input; its activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
@@ -366,6 +372,16 @@ class Transformer(nn.Module):
         if self.head == "lm" and self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         return sd
+
+
+def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
+    """Gradient checkpointing (Chen et al. 2016): in training, keep only each block's input and
+    recompute the block's activations during the backward pass. Activation memory falls from every
+    block's intermediates to one tensor (B, T, C) per block, for about one more forward pass of
+    compute; the gradients are the same (dropout's RNG state is replayed by torch.utils.checkpoint)."""
+    for module in model.modules():
+        if isinstance(module, Backbone):
+            module.gradient_checkpointing = on
 
 
 @torch.no_grad()

@@ -9,11 +9,15 @@ precision the same way:
 - `rng_state()` / `set_rng_state()` capture torch, Python, NumPy (and CUDA) generators, so a
   resumed run draws the same numbers as an uninterrupted one.
 - `Progress` is a tqdm bar on a terminal and plain log lines in logs and CI.
+- `MetricSinks` sends what the trainer writes to RUN/metrics.jsonl to TensorBoard (event files
+  in RUN/tensorboard) or Weights & Biases (`report_to`); either package is imported only then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import math
 import random
 import sys
 import time
@@ -21,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from lmschool.errors import UserError
+from lmschool.errors import ConfigError, UserError
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -115,3 +119,61 @@ class Progress:
             self.bar.close()
 
 
+
+
+# ---- where metrics go besides metrics.jsonl -----------------------------------------------------------
+
+TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard (or 'lmschool[tracking]')"),
+            "wandb": ("wandb", "pip install wandb (or 'lmschool[tracking]')")}
+
+
+def check_tracker(report_to: str) -> None:
+    """Before any work: the package `report_to` needs is installed (a ConfigError naming the fix)."""
+    if report_to == "none":
+        return
+    module, fix = TRACKERS[report_to]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"config key 'report_to': {report_to} is not installed here; {fix}, "
+                          "or use report_to=none") from None
+
+
+class MetricSinks:
+    """The figures of each metrics.jsonl line, as scalars at its step, sent to TensorBoard (event
+    files in RUN/tensorboard; a resumed run drops the events past its checkpoint, as it does the
+    jsonl lines) or to W&B (a run named after RUN, its files in RUN/wandb; WANDB_MODE=offline
+    keeps it on this machine, WANDB_PROJECT names the project, default lmschool). Numbers only:
+    strings, dicts (PPO's sample) and non-finite values are left to metrics.jsonl."""
+
+    def __init__(self, report_to: str, run_dir, config: dict | None = None, start_step: int = 0):
+        self.report_to, self.writer, self.run = report_to, None, None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+        elif report_to == "wandb":
+            import os
+
+            import wandb
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lmschool"), name=run_dir.name,
+                                  dir=str(run_dir), config=config or {})
+
+    @staticmethod
+    def scalars(record: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+    def log(self, record: dict) -> None:
+        step, values = int(record.get("step", 0)), self.scalars(record)
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+        elif self.run is not None and values:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+        self.writer = self.run = None

@@ -34,20 +34,22 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Protocol
 
 import torch
 
-from lmschool import distributed
+from lmschool import adapters, distributed
+from lmschool.adapters import LoraConfig
 from lmschool.checkpoint import (checkpoint_dirs, latest_checkpoint, load_training_state, save_model,
                                  save_training_checkpoint)
-from lmschool.config import check
+from lmschool.config import check, to_dict
 from lmschool.errors import UserError
+from lmschool.model import set_gradient_checkpointing
 from lmschool.optim import build_optimizer, lr_at
-from lmschool.runtime import (Progress, autocast, pick_device, resolve_precision, rng_state, set_rng_state,
-                              to_device)
+from lmschool.runtime import (MetricSinks, Progress, autocast, check_tracker, pick_device, resolve_precision,
+                              rng_state, set_rng_state, to_device)
 
 
 @dataclass
@@ -94,6 +96,13 @@ class TrainConfig:
     """cpu, cuda, cuda:N or auto."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    gradient_checkpointing: bool = False
+    """Keep only each block's input and recompute its activations in the backward pass: much less
+    activation memory for about a third more compute; the same gradients."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also send the metrics.jsonl figures to TensorBoard (RUN/tensorboard) or Weights & Biases (RUN/wandb)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters: lora.r > 0 trains only low-rank adapters (lmschool/adapters.py), saved in the PEFT format."""
 
     def __post_init__(self):
         check(self.max_steps >= 0, "max_steps", "must be >= 0")
@@ -108,6 +117,7 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
         check(self.threads >= 0, "threads", "must be >= 0")
+        check_tracker(self.report_to)
 
 
 class DataSource(Protocol):
@@ -155,6 +165,8 @@ class Trainer:
         self.log_every_step = log_every_step        # every step a metrics line; log_every paces the progress
         self.progress_keys = progress_keys          # the metrics the progress display shows
         self.precision = resolve_precision(self.device, cfg.precision)
+        if cfg.gradient_checkpointing:
+            set_gradient_checkpointing(self.model, True)
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          betas=(cfg.beta1, cfg.beta2))
         self.groups = [Group("model", self.model, self.optimizer, lr or schedule(cfg, cfg.lr))]
@@ -169,10 +181,13 @@ class Trainer:
             # bf16, CPU), since the logits' upcast and log-softmax fuse with the LM head
             self.compute_loss = torch.compile(self.compute_loss)
         self.tokens_seen = 0
+        self.sinks: MetricSinks | None = None   # TensorBoard / W&B while fit runs (cfg.report_to)
 
     def add_model(self, name: str, model: torch.nn.Module, lr: Callable[[int], float]) -> Group:
         """Train `model` too, with its own AdamW (cfg's weight decay and betas) and learning rate;
         its weights and optimizer go into the checkpoints' trainer_state.pt as NAME, NAME_optimizer."""
+        if self.cfg.gradient_checkpointing:
+            set_gradient_checkpointing(model, True)
         optimizer = build_optimizer(model, lr=lr(self.step), weight_decay=self.cfg.weight_decay,
                                     betas=(self.cfg.beta1, self.cfg.beta2))
         self.groups.append(Group(name, model.to(self.device), optimizer, lr))
@@ -257,8 +272,9 @@ class Trainer:
     def state_dict(self) -> dict:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                  "tokens_seen": self.tokens_seen}
-        for g in self.groups[1:]:
-            state[g.name] = {k: v.detach().cpu() for k, v in g.model.state_dict().items()}
+        for g in self.groups[1:]:   # a model with adapters: its trained tensors only (the base is on disk)
+            state[g.name] = (adapters.trainable_state_dict(g.model) if adapters.has_adapters(g.model) else
+                             {k: v.detach().cpu() for k, v in g.model.state_dict().items()})
             state[f"{g.name}_optimizer"] = g.optimizer.state_dict()
         for name, obj in self.stateful.items():
             state[name] = obj.state_dict()
@@ -271,7 +287,14 @@ class Trainer:
             if g.name not in state:
                 raise UserError(f"--resume: the checkpoint has no {g.name} (the run was started without "
                                 "one); resume with the settings it started with, or use --force")
-            g.model.load_state_dict(state[g.name])
+            if adapters.has_adapters(g.model):
+                missing = sorted(set(adapters.trainable_state_dict(g.model)) - set(state[g.name]))
+                if missing:
+                    raise UserError(f"--resume: the checkpoint's {g.name} has no {missing[0]} (the run was started "
+                                    "with other lora settings); resume with the settings it started with, or use --force")
+                g.model.load_state_dict(state[g.name], strict=False)
+            else:
+                g.model.load_state_dict(state[g.name])
             g.optimizer.load_state_dict(state[f"{g.name}_optimizer"])
         for name, obj in self.stateful.items():
             obj.load_state_dict(state[name])
@@ -296,10 +319,17 @@ class Trainer:
                                 "(each is damaged, see above); pass --force to start the run afresh")
             truncate_metrics(self.run_dir / "metrics.jsonl", 0)   # killed before its first checkpoint: afresh
             return False
-        tensors = load_file(str(last / "model.safetensors"))
+        with_adapters = (last / adapters.ADAPTER_CONFIG).is_file()
+        if with_adapters != adapters.has_adapters(self.model):
+            started = "with LoRA adapters" if with_adapters else "without LoRA (lora.r=0)"
+            raise UserError(f"--resume: {self.run_dir} was started {started}; resume with the settings it started "
+                            "with (RUN/config.yaml), or pass --force to start afresh")
         try:
-            self.model.load_state_dict(tensors, strict=False)
-        except RuntimeError as e:   # another shape: the config changed since the run started
+            if with_adapters:
+                adapters.load_adapter_state(self.model, load_file(str(last / adapters.ADAPTER_WEIGHTS)), str(last))
+            else:
+                self.model.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
+        except (RuntimeError, UserError) as e:   # another shape: the config changed since the run started
             raise UserError(f"--resume: {last} holds a model of another shape than this config builds "
                             f"({str(e).splitlines()[-1].strip()[:120]}); resume with the settings the run "
                             "started with (RUN/config.yaml), or pass --force to start afresh") from None
@@ -311,7 +341,18 @@ class Trainer:
     def fit(self, data: DataSource | None = None, evaluate: Callable[[torch.nn.Module], dict] | None = None,
             *, step: Callable[[], dict] | None = None) -> dict:
         """Steps until cfg.max_steps: `train_step` on data's micro-batches, or the stage's own
-        `step()` (one step of the loop that advances self.step by one and returns its metrics)."""
+        `step()` (one step of the loop that advances self.step by one and returns its metrics).
+        With cfg.report_to, every metrics line goes to TensorBoard / W&B too while it runs."""
+        if self.dist.is_main and self.cfg.report_to != "none":
+            self.sinks = MetricSinks(self.cfg.report_to, self.run_dir, to_dict(self.cfg), self.step)
+        try:
+            return self._fit(data, evaluate, step)
+        finally:
+            if self.sinks is not None:
+                self.sinks.close()
+                self.sinks = None
+
+    def _fit(self, data, evaluate, step) -> dict:
         cfg = self.cfg
         if step is None:
             def step():
@@ -360,6 +401,8 @@ class Trainer:
             with open(path, "a") as f:
                 f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                     for k, v in record.items()}) + "\n")
+            if self.sinks is not None:
+                self.sinks.log(record)
 
     def save_final(self, path: str | Path | None = None) -> Path | None:
         if not self.dist.is_main:

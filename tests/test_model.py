@@ -1,13 +1,20 @@
-"""Model: causality, masks, KV cache, and parity with `transformers` both ways (STYLE.md #9)."""
+"""Model: causality, masks, KV cache, and parity with `transformers` both ways (STYLE.md #9);
+gradient checkpointing (set_gradient_checkpointing, every stage's `gradient_checkpointing` key): the
+same gradients as without it (with dropout, whose RNG state is replayed; for the LM head, the scalar
+head and LoRA adapters), only in training with gradients, and a stage logs the same figures."""
 
 import json
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
+from lmschool.adapters import LoraConfig, add_lora
 from lmschool.checkpoint import load_model, save_model
+from lmschool.cli import main
 from lmschool.errors import UserError
-from lmschool.model import ModelConfig, build_model, padding_mask, segment_mask
+from lmschool.model import ModelConfig, build_model, padding_mask, segment_mask, set_gradient_checkpointing
+from lmschool.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -208,3 +215,97 @@ def test_kv_cache_equals_full_recompute():
         rest = model(x[:, 10:], cache=cache)  # a multi-token chunk after the prefix
     got = torch.cat([first, *steps, rest], dim=1)
     assert torch.allclose(got, full, atol=1e-5)
+
+
+# ---- gradient checkpointing ---------------------------------------------------------------------
+
+GC_CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, dropout=0.1)
+GC_IDS = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(0))
+
+
+def gradients(model, checkpointing: bool) -> dict[str, torch.Tensor]:
+    set_gradient_checkpointing(model, checkpointing)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)   # the same dropout masks on both sides
+    out = model(GC_IDS)
+    (out.float().logsumexp(-1) if out.dim() == 3 else out).pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("head", ["lm", "score"])
+def test_gradient_checkpointing_gives_the_same_gradients(head):
+    model = build_model(GC_CFG, head=head, seed=0)
+    plain, recomputed = gradients(model, False), gradients(model, True)
+    assert plain.keys() == recomputed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients():
+    model = add_lora(build_model(GC_CFG, seed=0), LoraConfig(r=4, dropout=0.1), base="x")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    plain, recomputed = gradients(model, False), gradients(model, True)
+    assert plain and all("lora_" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_only_in_training_with_gradients(monkeypatch):
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = build_model(GC_CFG, seed=0)
+    set_gradient_checkpointing(model, True)
+    model.train()(GC_IDS)
+    assert len(calls) == GC_CFG.num_hidden_layers
+    with torch.no_grad():
+        model(GC_IDS)                     # e.g. PPO's reference and old log-probs
+    model.eval()(GC_IDS)                  # evaluation
+    assert len(calls) == GC_CFG.num_hidden_layers
+
+
+def test_a_stage_logs_the_same_figures_with_gradient_checkpointing(world, tmp_path, one_thread):
+    tok = train_tokenizer([(world / "sft.jsonl").read_text()], vocab_size=400)
+    init = tmp_path / "sft"
+    save_model(init, build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2,
+                                             max_position_embeddings=256), seed=0), tok)
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / f"sft-{on}"
+        assert main(["sft", "--init", str(init), "--data", str(world / "sft.jsonl"), "--out", str(out),
+                     "max_steps=3", "batch_size=4", "log_every=1", "val_fraction=0", "threads=1",
+                     "precision=fp32", "device=cpu", f"gradient_checkpointing={str(on).lower()}"]) == 0
+        runs[on] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs[False], runs[True]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_dpo_log_probs_with_a_checkpointed_head_give_the_same_gradients():
+    """With gradient checkpointing, DPO checkpoints the LM head and its log-softmax too, two rows at
+    a time (its logits are most of a LoRA run's memory): the same log-probs and gradients."""
+    from lmschool.losses.preference import sequence_logprobs
+    from lmschool.stages.dpo import policy_logprobs
+    model = build_model(GC_CFG, seed=0)
+    labels = GC_IDS.clone()
+    labels[:, :6] = -100
+    runs = []
+    for on in (False, True):
+        set_gradient_checkpointing(model, on)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        logps = policy_logprobs(model, GC_IDS, labels)                     # (3,): 2 rows, then 1
+        (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        runs.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=1e-5)
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    model.eval()
+    with torch.no_grad():   # outside training: the plain path
+        assert torch.equal(policy_logprobs(model, GC_IDS, labels), sequence_logprobs(model(GC_IDS), labels))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmschool import config as config_lib
-from lmschool.checkpoint import check_kind, read_config, resolve
+from lmschool.checkpoint import check_kind, is_model_dir, read_config, resolve
 from lmschool.errors import UserError
 from lmschool.files import (RUN_MARKER, atomic_write_text, check_replaceable, check_writable, clean_leftovers,
                             is_output, staging_dir, swap_in)
@@ -99,7 +99,7 @@ def open_run(out: Path, args: argparse.Namespace, dist, stage: str) -> RunDir:
     if not dist.is_main:   # every rank writes where rank 0 decided
         staged = args.force and staging_dir(out).is_dir()
         run = RunDir(out, staging_dir(out) if staged else out, resuming=args.resume)
-    if run.resuming and (out / "summary.json").is_file() and (out / "model" / "config.json").is_file():
+    if run.resuming and (out / "summary.json").is_file() and is_model_dir(out / "model"):
         print(f"{stage}: {out} is already finished (summary.json); nothing to do")
         run.finished = True
     return run

@@ -44,8 +44,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 
 from lmschool import distributed
+from lmschool.adapters import WithoutAdapters, for_training
 from lmschool.checkpoint import check_kind, load_model, resolve
 from lmschool.config import check
 from lmschool.data.preference import PairBatches, read_pairs
@@ -200,6 +202,23 @@ def reference_logprobs(reference, data, indices: list[int], batch_size: int, dev
     return cache.to(device)
 
 
+def policy_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, rows: int = 2) -> torch.Tensor:
+    """sequence_logprobs(model(input_ids), labels) (2B,). With gradient checkpointing in training,
+    the LM head and its log-softmax are checkpointed too, `rows` rows at a time: the (2B, T, V)
+    logits, their log-softmax and gradients (at V = 49152 most of a LoRA run's memory) are never
+    whole, only a chunk's, recomputed in the backward pass."""
+    backbone = getattr(model, "model", None)
+    if not (getattr(backbone, "gradient_checkpointing", False) and model.training and torch.is_grad_enabled()):
+        return sequence_logprobs(model(input_ids), labels)
+    h = model.hidden(input_ids)                                                    # (2B, T, C)
+
+    def head(h_rows, label_rows):
+        return sequence_logprobs(model.lm_head(h_rows), label_rows)
+
+    return torch.cat([torch.utils.checkpoint.checkpoint(head, h[i:i + rows], labels[i:i + rows], use_reentrant=False)
+                      for i in range(0, h.shape[0], rows)])                        # (2B,)
+
+
 def make_loss_fn(cfg: DPOConfig, reference=None, cache: torch.Tensor | None = None):
     """loss_fn(model, batch) -> (mean loss over the batch's pairs, metrics) for trainer.fit.
 
@@ -211,7 +230,7 @@ def make_loss_fn(cfg: DPOConfig, reference=None, cache: torch.Tensor | None = No
 
     def loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict]:
         input_ids, labels = batch["input_ids"], batch["labels"]
-        logps = sequence_logprobs(model(input_ids), labels)                  # (2B,)
+        logps = policy_logprobs(model, input_ids, labels)                    # (2B,)
         first, second = logps.chunk(2)                                       # chosen, rejected: (B,) each
         first_len, second_len = batch["response_len"].chunk(2)               # (B,) each
         ref_first = ref_second = None
@@ -306,7 +325,11 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.seed)
     policy = load_model(init, head="lm")   # a damaged --init or --reference stops here, before --out
-    reference = load_model(reference_dir, head="lm").requires_grad_(False)   # the SFT model: frozen
+    policy = for_training(policy, cfg.lora, base=init, seed=cfg.seed)
+    if cfg.lora.enabled and reference_dir == init:   # the reference is the policy with its adapters off
+        reference = WithoutAdapters(policy)
+    else:
+        reference = load_model(reference_dir, head="lm").requires_grad_(False)   # the SFT model: frozen
     check_vocab(policy, tokenizer, f"--init {init}")
     run = open_run(args.out, args, dist, "dpo")
     if run.finished:

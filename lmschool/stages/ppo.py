@@ -71,6 +71,7 @@ import torch
 import torch.nn as nn
 
 from lmschool import distributed
+from lmschool.adapters import WithoutAdapters, for_training
 from lmschool.checkpoint import load_model, resolve
 from lmschool.config import check
 from lmschool.data.prompts import fitting_prompts, read_prompts
@@ -542,13 +543,20 @@ def run(args: argparse.Namespace) -> int:
 
     # the models: a damaged --init or --reward stops here, before --out is opened
     torch.manual_seed(cfg.seed)
-    policy = disable_dropout(load_model(init, head="lm")).to(device)
+    policy = for_training(load_model(init, head="lm"), cfg.lora, base=init, seed=cfg.seed)
+    policy = disable_dropout(policy).to(device)
     check_vocab(policy, tokenizer, f"--init {init}")
-    reference = disable_dropout(load_model(init, head="lm")).to(device).eval().requires_grad_(False)
+    if cfg.lora.enabled:   # the reference is the policy with its adapters off: no second copy
+        reference = WithoutAdapters(policy)
+    else:
+        reference = disable_dropout(load_model(init, head="lm")).to(device).eval().requires_grad_(False)
     critic = None
     if cfg.advantage == "gae":
         source = resolve(args.reward) if args.reward else init
-        critic = disable_dropout(load_model(source, head="score", new_head=not args.reward)).to(device)
+        critic = load_model(source, head="score", new_head=not args.reward)
+        critic = for_training(critic, cfg.lora, base=source, seed=cfg.seed + 1, modules_to_save=("score",),
+                              saved=False)   # with lora.r > 0 the critic trains adapters (and its head) too
+        critic = disable_dropout(critic).to(device)
 
     run = open_run(args.out, args, distributed.Dist(device=device), "ppo")
     if run.finished:

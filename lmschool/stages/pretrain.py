@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lmschool import distributed
+from lmschool.adapters import for_training
 from lmschool.checkpoint import check_kind, load_model, resolve
 from lmschool.config import check
 from lmschool.data.jsonl import read_jsonl
@@ -88,11 +89,13 @@ def run(args: argparse.Namespace) -> int:
     # the school world beside the corpus, for the closing fact probes: a damaged one stops here
     world = school_teacher(*args.data).world if world_file(*args.data) else None
     torch.manual_seed(cfg.seed)
+    check(not cfg.lora.enabled or bool(args.init), "lora.r", "adapters adapt a trained model, but pre-training "
+          "from scratch trains every weight: give --init CKPT (continued pre-training) or leave lora.r at 0")
     init_model = None
     if args.init:   # a missing or damaged --init stops here, before --out is opened
         args.init = resolve(args.init)
         check_kind(args.init, "policy", "--init")
-        init_model = load_model(args.init, head="lm")
+        init_model = for_training(load_model(args.init, head="lm"), cfg.lora, base=args.init, seed=cfg.seed)
         if args.tokenizer is None:
             Tokenizer.load(args.init)
     if args.tokenizer is not None:

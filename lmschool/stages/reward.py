@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from lmschool import distributed
+from lmschool.adapters import for_training
 from lmschool.checkpoint import load_model
 from lmschool.config import check
 from lmschool.data.preference import Pair, PairBatches, collate_pairs, encode_pair, read_pairs, response_batch
@@ -286,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.seed)
     model = load_model(init, head="score", new_head=True)   # a damaged --init stops here, before --out
+    model = for_training(model, cfg.lora, base=init, seed=cfg.seed, modules_to_save=("score",))  # the head trains
     check_vocab(model, tokenizer, f"--init {init}")
     run = open_run(args.out, args, dist, "reward")
     if run.finished:

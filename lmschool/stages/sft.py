@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 
 from lmschool import distributed
+from lmschool.adapters import for_training
 from lmschool.checkpoint import load_model
 from lmschool.config import check
 from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
@@ -160,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.seed)
     model = load_model(init, head="lm")   # a damaged --init stops here, before --out is opened
+    model = for_training(model, cfg.lora, base=init, seed=cfg.seed)   # lora.r > 0: adapters only
     check_vocab(model, tokenizer, f"--init {init}")
     run = open_run(args.out, args, dist, "sft")
     if run.finished:
