@@ -71,6 +71,24 @@ class Server:
         self.proc.wait(timeout=60)
 
 
+def read_stream(client: httpx.Client, url: str, body: dict) -> tuple[list[str], int | None]:
+    """POST a streaming request and read its server-sent events: each choice's text, in index order,
+    and the completion tokens of the closing usage chunk (None without one)."""
+    texts, tokens = {}, None
+    with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for c in chunk["choices"]:
+                piece = c["delta"].get("content") if "delta" in c else c.get("text")
+                texts[c["index"]] = texts.get(c["index"], "") + (piece or "")
+    return [texts[i] for i in sorted(texts)], tokens
+
+
 def ask(client: httpx.Client, server: Server, i: int, stream: bool) -> tuple[str, int]:
     body = {"model": server.model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
             "max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 1.0, "seed": i, "stream": stream,
@@ -80,18 +98,8 @@ def ask(client: httpx.Client, server: Server, i: int, stream: bool) -> tuple[str
         r.raise_for_status()
         data = r.json()
         return data["choices"][0]["message"]["content"], data["usage"]["completion_tokens"]
-    text, tokens = [], 0
-    with client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk["choices"]:
-                text.append(choice["delta"].get("content") or "")
-    return "".join(text), tokens
+    texts, tokens = read_stream(client, f"{server.url}/v1/chat/completions", body)
+    return "".join(texts), tokens or 0
 
 
 def sequential(server, stream):

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serve import Server, random_checkpoint  # noqa: E402
+from bench_serve import Server, random_checkpoint, read_stream  # noqa: E402
 
 QUESTIONS = ["Where does Mia Brown live?", "What is 12 plus 30?", "Hello!", "How old is Leo Green?",
              "Write me a rude joke.", "What pet does Ava have?"]
@@ -84,19 +84,7 @@ def answer(client: httpx.Client, url: str, request: dict, stream: bool) -> tuple
         data = r.json()
         texts = [c["message"]["content"] if "message" in c else c["text"] for c in data["choices"]]
         return texts, data["usage"]["completion_tokens"]
-    texts, tokens = {}, None
-    with client.stream("POST", url + path, json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for c in chunk["choices"]:
-                piece = c["delta"].get("content") if "delta" in c else c.get("text")
-                texts[c["index"]] = texts.get(c["index"], "") + (piece or "")
-    return [texts[i] for i in sorted(texts)], tokens
+    return read_stream(client, url + path, body)
 
 
 def main() -> None:
