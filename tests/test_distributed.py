@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from procs import run_checked, torchrun
+from procs import child_env, run_checked, torchrun
 
 DDP_SCRIPT = """
 import sys, numpy as np, torch
@@ -147,3 +147,121 @@ def test_fsdp_without_torchrun_is_one_line(tmp_path):
     assert "parallel" in result.stderr and "torchrun" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---- PPO and GRPO under torchrun ----------------------------------------------------------------
+
+WHITEN_SCRIPT = """
+import sys, torch
+from types import SimpleNamespace
+from lmschool import distributed
+from lmschool.losses.ppo import masked_whiten
+from lmschool.stages.ppo import PPO
+d = distributed.init("cpu")
+g = torch.Generator().manual_seed(0)
+x, mask = torch.randn(6, 5, generator=g) * 3 + 1, (torch.rand(6, 5, generator=g) > 0.3).float()
+mine = slice(3 * d.rank, 3 * d.rank + 3)
+got = PPO.whiten(SimpleNamespace(dist=d), x[mine], mask[mine])
+assert torch.allclose(got, masked_whiten(x, mask)[mine], atol=1e-6), (got, masked_whiten(x, mask)[mine])
+distributed.shutdown()
+"""
+
+SCORER = '''
+def lowercase_share(prompts, responses):
+    return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
+'''
+
+
+def test_ppo_whitening_over_ranks_equals_one_process(tmp_path):
+    """Each rank holds half the rollouts; whitening with the all-reduced mean and variance gives
+    each rank exactly its rows of one process's whitening of all of them."""
+    script = tmp_path / "whiten.py"
+    script.write_text(WHITEN_SCRIPT)
+    torchrun(2, script)
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tmp_path_factory):
+    from lmschool.checkpoint import save_model
+    from lmschool.model import ModelConfig, build_model
+    from lmschool.tokenizer import train_tokenizer
+    tmp = tmp_path_factory.mktemp("ppo")
+    tok = train_tokenizer([], byte_level=True)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=64)
+    save_model(tmp / "sft", build_model(cfg, seed=0), tok, {"stage": "sft"})
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say something {i}."}) + "\n" for i in range(6)))
+    (tmp / "toy_scorer.py").write_text(SCORER)
+    return tmp
+
+
+PPO_ARGS = ["max_new_tokens=8", "temperature=1.0", "lr=3e-2", "critic_lr=1e-2", "ppo_epochs=2", "grad_accum=2",
+            "missing_eos_penalty=0", "threads=1", "precision=fp32", "device=cpu", "max_steps=4",
+            "kl_target=1", "kl_horizon=50"]
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_ppo_two_processes_resume_equals_uninterrupted(ppo_inputs, tmp_path, advantage):
+    """PPO (with its DDP critic) and GRPO on 2 processes, each sampling half of every iteration's
+    prompts: a run stopped at its step-2 checkpoint and resumed equals the uninterrupted one (every
+    metric but timings, the final weights). Not compared with one process: a rank samples its
+    share from its own random stream, so the responses (and every figure) differ from one
+    process's; the statistics over them are all-reduced (whitening: the test above)."""
+    extra = ["advantage=" + advantage] + (["group_size=4", "batch_size=2", "minibatch_size=4"] if advantage == "grpo"
+                                         else ["batch_size=8", "minibatch_size=4"])
+    env = child_env(PYTHONPATH=os.pathsep.join([str(ppo_inputs), *sys.path]))
+
+    def ppo(out, *more):
+        torchrun(2, "-m", "lmschool", "ppo", "--init", ppo_inputs / "sft", "--scorer", "toy_scorer:lowercase_share",
+                 "--prompts", ppo_inputs / "prompts.jsonl", "--out", out, *PPO_ARGS, *extra, *more, env=env)
+
+    ppo(tmp_path / "full", "save_every=0")
+    part = tmp_path / "part"
+    ppo(part, "save_every=2")
+    import shutil
+    shutil.rmtree(part / "model")
+    (part / "summary.json").unlink()
+    ppo(part, "save_every=2", "--resume")
+    full_m = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    part_m = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    untimed = [{k: v for k, v in m.items() if not k.endswith(("seconds", "per_s"))} for m in full_m]
+    assert len(full_m) == 4 and all("reward" in m and "grad_norm" in m for m in full_m)
+    assert untimed == [{k: v for k, v in m.items() if not k.endswith(("seconds", "per_s"))} for m in part_m]
+    if advantage == "gae":
+        assert all("critic_grad_norm" in m for m in full_m)
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(part / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((part / "summary.json").read_text())["iterations"] == 4
+
+
+SAME_WEIGHTS_SCRIPT = """
+import sys, torch
+from lmschool import cli, trainer
+save_final = trainer.Trainer.save_final
+
+def save_each_rank(self, path=None):   # every rank's policy and critic, to compare
+    torch.save({g.name: g.model.state_dict() for g in self.groups}, f"{sys.argv[1]}.rank{self.dist.rank}.pt")
+    return save_final(self, path)
+
+trainer.Trainer.save_final = save_each_rank
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_ppo_ranks_keep_the_same_weights(ppo_inputs, tmp_path):
+    """Each rank updates on its own rollouts; DDP averages the policy's and the critic's gradients,
+    so after the run every rank holds the same weights (else rank 0's checkpoint would be only
+    one of several diverged models)."""
+    script = tmp_path / "same.py"
+    script.write_text(SAME_WEIGHTS_SCRIPT)
+    env = child_env(PYTHONPATH=os.pathsep.join([str(ppo_inputs), *sys.path]))
+    torchrun(2, script, tmp_path / "w", "ppo", "--init", ppo_inputs / "sft", "--scorer", "toy_scorer:lowercase_share",
+             "--prompts", ppo_inputs / "prompts.jsonl", "--out", tmp_path / "run", *PPO_ARGS, "max_steps=2",
+             "batch_size=4", "minibatch_size=4", "ptx_coef=0", env=env)
+    a, b = (torch.load(tmp_path / f"w.rank{r}.pt") for r in (0, 1))
+    assert set(a) == {"model", "critic"}
+    for name in a:
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    start = load_file(str(ppo_inputs / "sft" / "model.safetensors"))
+    assert any(not torch.equal(start[k], a["model"][k]) for k in start)   # the run trained
