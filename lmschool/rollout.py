@@ -94,6 +94,18 @@ def response_logprobs(model, batch: Rollout, temperature: float, entropy_grad: b
     return logprobs, entropy
 
 
+class ResponseLogprobs(torch.nn.Module):
+    """`response_logprobs` of a policy as a module's forward: DDP averages the gradients of what runs
+    through the forward of the module it wraps, and response_logprobs calls hidden() and the head."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: Rollout, temperature: float, entropy_grad: bool = False):
+        return response_logprobs(self.policy, batch, temperature, entropy_grad)
+
+
 def response_values(critic, batch: Rollout) -> torch.Tensor:
     """The critic's V(s_t) for the state before each response token. Returns (N, R) float32."""
     return critic(batch.input_ids).float().gather(1, batch.positions)                   # (N, R)

@@ -46,7 +46,7 @@ from lmschool.checkpoint import (checkpoint_dirs, latest_checkpoint, load_traini
                                  save_training_checkpoint)
 from lmschool.config import check, to_dict
 from lmschool.errors import UserError
-from lmschool.model import set_gradient_checkpointing
+from lmschool.model import Transformer, set_gradient_checkpointing
 from lmschool.optim import build_optimizer, lr_at
 from lmschool.runtime import (MetricSinks, Progress, autocast, check_tracker, pick_device, resolve_precision,
                               rng_state, set_rng_state, to_device)
@@ -103,6 +103,9 @@ class TrainConfig:
     """Also send the metrics.jsonl figures to TensorBoard (RUN/tensorboard) or Weights & Biases (RUN/wandb)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters: lora.r > 0 trains only low-rank adapters (lmschool/adapters.py), saved in the PEFT format."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: weights, gradients and
+    AdamW state sharded across the processes; checkpoints are still whole). One process ignores it."""
 
     def __post_init__(self):
         check(self.max_steps >= 0, "max_steps", "must be >= 0")
@@ -118,6 +121,11 @@ class TrainConfig:
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
         check(self.threads >= 0, "threads", "must be >= 0")
         check_tracker(self.report_to)
+        check(self.parallel != "fsdp" or distributed.launched_by_torchrun(), "parallel",
+              "fsdp shards the model across torchrun processes; launch with "
+              "`torchrun --nproc_per_node=N -m lmschool ...`, or leave parallel=ddp on one process")
+        check(self.parallel != "fsdp" or self.lora.r == 0, "parallel",
+              "fsdp with LoRA adapters (lora.r > 0) is not supported; use parallel=ddp (adapters are small)")
 
 
 class DataSource(Protocol):
@@ -167,12 +175,15 @@ class Trainer:
         self.precision = resolve_precision(self.device, cfg.precision)
         if cfg.gradient_checkpointing:
             set_gradient_checkpointing(self.model, True)
+        self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
+        if self.sharded:   # FSDP2 replaces the parameters by shards: the optimizer is built on those
+            distributed.shard(self.model, self.dist)
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          betas=(cfg.beta1, cfg.beta2))
         self.groups = [Group("model", self.model, self.optimizer, lr or schedule(cfg, cfg.lr))]
         self.stateful: dict = {}   # name -> an object with state_dict / load_state_dict, kept in checkpoints
         self.step = 0
-        self.train_model = distributed.wrap(self.model, self.dist)
+        self.train_model = self.model if self.sharded else distributed.wrap(self.model, self.dist)
         self.compute_loss = lambda batch: loss_fn(self.train_model, batch)
         if cfg.compile and self.dist.enabled:
             self.train_model = torch.compile(self.train_model)
@@ -186,6 +197,9 @@ class Trainer:
     def add_model(self, name: str, model: torch.nn.Module, lr: Callable[[int], float]) -> Group:
         """Train `model` too, with its own AdamW (cfg's weight decay and betas) and learning rate;
         its weights and optimizer go into the checkpoints' trainer_state.pt as NAME, NAME_optimizer."""
+        if self.sharded:
+            raise UserError("parallel=fsdp trains one model per stage; this stage trains a second one "
+                            f"({name}): use parallel=ddp")
         if self.cfg.gradient_checkpointing:
             set_gradient_checkpointing(model, True)
         optimizer = build_optimizer(model, lr=lr(self.step), weight_decay=self.cfg.weight_decay,
@@ -235,6 +249,9 @@ class Trainer:
 
     def _clip(self, model: torch.nn.Module) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
+        if distributed.is_sharded(model):   # the norm over all shards; max_norm inf scales by exactly 1
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or math.inf)
+            return float(distributed.full_value(norm))
         if self.cfg.grad_clip > 0:
             return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
@@ -254,7 +271,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
             sync = i == len(micro_batches) - 1 or not self.dist.enabled
-            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+            with contextlib.nullcontext() if sync else distributed.no_sync(self.train_model):
                 loss, metrics = self.backward(self.compute_loss, batch, counts[i].item() / total)
             loss_total += loss
             for k, v in metrics.items():
@@ -270,7 +287,10 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+        """The resume state (every rank must call it under parallel=fsdp: the AdamW shards are gathered)."""
+        optimizer = (distributed.full_optimizer_state(self.model, self.optimizer) if self.sharded
+                     else self.optimizer.state_dict())
+        state = {"step": self.step, "optimizer": optimizer, "rng": rng_state(),
                  "tokens_seen": self.tokens_seen}
         for g in self.groups[1:]:   # a model with adapters: its trained tensors only (the base is on disk)
             state[g.name] = (adapters.trainable_state_dict(g.model) if adapters.has_adapters(g.model) else
@@ -282,7 +302,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            distributed.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         for g in self.groups[1:]:
             if g.name not in state:
                 raise UserError(f"--resume: the checkpoint has no {g.name} (the run was started without "
@@ -301,10 +324,24 @@ class Trainer:
         set_rng_state(state["rng"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
 
+    def whole_model(self) -> torch.nn.Module | None:
+        """The model to save or evaluate alone on rank 0: itself, or under parallel=fsdp a plain copy
+        with the gathered weights on rank 0 (None on the other ranks; every rank must call it)."""
+        if not self.sharded:
+            return self.model
+        tensors = distributed.full_state_dict(self.model)
+        if not self.dist.is_main:
+            return None
+        plain = Transformer(self.model.config, self.model.head)
+        plain.load_state_dict(tensors)
+        return plain.to(self.device)
+
     def save_checkpoint(self) -> Path | None:
         path = None
+        model = self.whole_model()
+        state = self.state_dict() if self.sharded else None   # gathered by every rank
         if self.dist.is_main:
-            path = save_training_checkpoint(self.run_dir, self.step, self.model, self.state_dict(),
+            path = save_training_checkpoint(self.run_dir, self.step, model, state or self.state_dict(),
                                             self.tokenizer, self.extra, self.cfg.keep_last)
         distributed.barrier()
         return path
@@ -327,6 +364,8 @@ class Trainer:
         try:
             if with_adapters:
                 adapters.load_adapter_state(self.model, load_file(str(last / adapters.ADAPTER_WEIGHTS)), str(last))
+            elif self.sharded:
+                distributed.load_full_state_dict(self.model, load_file(str(last / "model.safetensors")))
             else:
                 self.model.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
         except (RuntimeError, UserError) as e:   # another shape: the config changed since the run started
@@ -432,6 +471,9 @@ def fit(model, data: DataSource, loss_fn: LossFn, cfg: TrainConfig, run_dir: str
     if resume:
         trainer.resume()
     final = trainer.fit(data, evaluate)
+    if trainer.sharded:   # the stage's summary and final evaluation run on rank 0 alone: a whole model
+        trainer.model = trainer.whole_model()
+        trainer.sharded = False
     trainer.save_final()
     distributed.barrier()
     return trainer, final

