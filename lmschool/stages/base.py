@@ -81,17 +81,30 @@ def model_path(base: Path, out: Path) -> Path:
 
 
 def check_base(base: Path) -> None:
-    """A --base that cannot be a model: one line, before anything is written. (A GGUF is read in full
-    by the import, which refuses an unsupported or damaged one the same way.)"""
+    """A --base that cannot be a model: one line, before anything is written. A GGUF's header and
+    metadata are read here (a damaged file, another architecture, no tokenizer); the tensors are
+    read by the import itself."""
     if not base.exists():
         raise UserError(f"--base {base} does not exist; give a Hugging Face model directory or a .gguf file")
     if is_gguf(base):
-        if not base.is_file():
-            raise UserError(f"--base {base} is not a file; a .gguf base is one llama.cpp model file")
+        from lmschool.gguf import build_tokenizer, model_config, open_gguf, read_metadata
+
+        meta = read_metadata(open_gguf(base))
+        model_config(meta, base)
+        if not build_tokenizer(meta, base)[1].get("chat_template"):
+            raise UserError(f"--base {base}: the GGUF file carries no chat template (tokenizer.chat_template), "
+                            "so SFT and the later stages cannot render conversations; use an instruct model's file")
         return
     if not base.is_dir() or not (base / "config.json").is_file():
         raise UserError(f"--base {base} is not a model: give a Hugging Face model directory (config.json, "
                         "model.safetensors, tokenizer files) or a .gguf file")
+    from lmschool.checkpoint import check_kind, read_config
+    from lmschool.hf import from_hf_config
+    from lmschool.tokenizer import Tokenizer, check_chat_template
+
+    from_hf_config(read_config(base), str(base / "config.json"))   # a family lmschool cannot load: one line
+    check_kind(base, "policy", "--base")
+    check_chat_template(Tokenizer.load(base), base)
 
 
 def run(args: argparse.Namespace) -> int:
