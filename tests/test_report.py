@@ -133,7 +133,8 @@ def test_report_json_has_the_issue_keys_finite_and_in_range(run_dir):
     d, report, *_ = run_dir
     on_disk = json.loads((d / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert on_disk["stages"] == report["stages"]
-    assert set(REQUIRED) == {"world", "pretrain", "sft", "reward", "policy"}
+    assert set(REQUIRED) == {"world", "base", "pretrain", "sft", "reward", "policy"}   # base: with --base only
+    assert "base" not in on_disk["stages"]   # this run has no base/ directory: the shape it always had
     for stage in ("world", "pretrain", "sft", "reward", "dpo", "ipo", "simpo", "ppo", "grpo"):
         keys = required(BY_NAME[stage])
         assert keys and set(keys) | {"seconds", "status"} <= set(on_disk["stages"][stage]), stage
