@@ -39,6 +39,7 @@ the stages imports the CLI, and with it each stage's module, only when they run.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -392,6 +393,7 @@ def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: 
               f"  lmschool {' '.join(argv)}", file=sys.stderr, flush=True)
         t_stage = time.time()
         status = cli_main(argv)
+        gc.collect()   # a stage's models in reference cycles go now, not in a later stage's peak memory
         if status != 0:
             print(f"lmschool run: stage '{stage.name}' failed (exit {status}); earlier stages in {out} are "
                   f"intact. Fix the cause and run again to continue from this stage.", file=sys.stderr)
