@@ -49,6 +49,7 @@ class BaseConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of a GGUF's dequantised weights in OUT/model (a Hugging Face directory is used as it is)."""
     seed: int = 0
+    """Sampling seed (the answers are greedy, as SFT's eval answers are by default)."""
 
     def __post_init__(self):
         check(self.eval_max_new_tokens >= 1, "eval_max_new_tokens", "must be >= 1")
