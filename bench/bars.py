@@ -75,8 +75,27 @@ BARS = [
     Bar("reward", "accuracy_noise_free", ">=", 0.80, 15),
     Bar("reward", "accuracy_noise_free", ">", 0.0, 15, relative_to="reward.rater_agreement_noise_free"),
 ]
+# issue 16: `lmschool run --preset smollm2` (SmolLM2-135M-Instruct through all three stages on a 2-core CPU):
+# every stage's gain over the one before, as the teacher judges it, within 40 minutes and 16 GiB.
+SMOLLM2_BARS = [
+    Bar("run", "seconds_total", "<=", 2400.0, 16),
+    Bar("run", "peak_memory_gib", "<=", 16.0, 16),
+    Bar("pretrain", "fact_completion", ">", 0.0, 16, relative_to="base.fact_completion"),
+    Bar("sft", "teacher_score", ">", 0.0, 16, relative_to="base.teacher_score"),
+    Bar("sft", "correct_heldout_pupils", ">=", 0.60, 16),
+    Bar("sft", "end_of_turn_rate", ">=", 0.98, 16),
+    Bar("best", "teacher_score", ">", 0.0, 16, relative_to="sft.teacher_score", best_of=POLICY_STAGES),
+    Bar("best", "win_rate_vs_sft", ">=", 0.60, 16, best_of=POLICY_STAGES),
+]
+BAR_SETS = {"smollm2": SMOLLM2_BARS}   # by report.json's preset (the world's); any other: BARS
+for _bars in (BARS, SMOLLM2_BARS):
+    assert len({b.name for b in _bars}) == len(_bars), "two bars share a name"
 BARS_BY_NAME = {b.name: b for b in BARS}
-assert len(BARS_BY_NAME) == len(BARS), "two bars share a name"
+
+
+def bars_for(report: dict) -> list[Bar]:
+    """The bar set of the run's preset: issue 16's for a smollm2 run, else issues 8 and 15's."""
+    return BAR_SETS.get(report.get("preset"), BARS)
 _EPS = 1e-9  # float noise (0.20 - 0.02 = 0.18000000000000002) must not flip a ">=", "<=" or "in" bar
 
 
@@ -94,7 +113,8 @@ def bar_met(value: float, op: str, threshold: float, upper: float | None = None)
 
 # the pipeline as a whole has bars too (the demo's wall time)
 BAR_TITLES = {**TITLES, "run": "pipeline", "best": "best feedback method"}
-LABELS = {**MEASURES, "seconds_total": ("wall time of `make demo`", "seconds")}
+LABELS = {**MEASURES, "seconds_total": ("wall time of `lmschool run` (`make demo`)", "seconds"),
+          "peak_memory_gib": ("peak resident memory, GiB", "num")}
 
 
 def figure(report: dict, stage: str, key: str):
@@ -106,7 +126,7 @@ def check_bars(report: dict) -> dict:
     """{bar name: {value, threshold, op, met, issue, stage, key, interval95, ...}} from report.json's
     numbers; for a bar on the best of several stages, best_stage names the one it is."""
     bars = {}
-    for bar in BARS:
+    for bar in bars_for(report):
         stage = bar.stage
         if bar.best_of:  # the highest figure of the stages that have it (the first of equals)
             have = [s for s in bar.best_of if figure(report, s, bar.key) is not None]
@@ -149,9 +169,10 @@ def render(report: dict) -> str:
     met = sum(b["met"] for b in bars.values())
     lines = ["## Bars", "", f"{met} of {len(bars)} bars met.", ""]
     rows = []
+    by_name = {b.name: b for b in bars_for(report)}
     for name, b in bars.items():
-        bar = BARS_BY_NAME[name]
-        kind = "seconds" if b["key"] == "seconds_total" else MEASURES.get(b["key"], ("", "num"))[1]
+        bar = by_name[name]
+        kind = "seconds" if b["key"] == "seconds_total" else LABELS.get(b["key"], ("", "num"))[1]
         label = LABELS.get(b["key"], (b["key"],))[0] + (", lower end of its 95% interval" if bar.lower_end else "")
         value = fmt(b["value"], kind) + (f" ({TITLES[b['best_stage']]})" if b["best_stage"] else "")
         ran = any(st.get(s, {}).get("status", "done") == "done" for s in (bar.best_of or [bar.stage]))

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("lmschool.commands.tokenizer", "train a byte-level BPE tokenizer on text or JSONL files"),
     "import": ("lmschool.commands.import_gguf",
                "import a GGUF model file (llama.cpp) as a Hugging Face model directory: weights, config, tokenizer"),
+    "base": ("lmschool.stages.base",
+             "stage 0: judge a base checkpoint (HF directory or GGUF) on a school world, as the stages are judged"),
     "pretrain": ("lmschool.stages.pretrain", "stage 1: pre-train a model on a text corpus (next-token prediction)"),
     "sft": ("lmschool.stages.sft", "stage 2: supervised fine-tuning on chat conversations (loss on the answers)"),
     "label": ("lmschool.stages.label",

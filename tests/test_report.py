@@ -133,7 +133,8 @@ def test_report_json_has_the_issue_keys_finite_and_in_range(run_dir):
     d, report, *_ = run_dir
     on_disk = json.loads((d / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert on_disk["stages"] == report["stages"]
-    assert set(REQUIRED) == {"world", "pretrain", "sft", "reward", "policy"}
+    assert set(REQUIRED) == {"world", "base", "pretrain", "sft", "reward", "policy"}   # base: with --base only
+    assert "base" not in on_disk["stages"]   # this run has no base/ directory: the shape it always had
     for stage in ("world", "pretrain", "sft", "reward", "dpo", "ipo", "simpo", "ppo", "grpo"):
         keys = required(BY_NAME[stage])
         assert keys and set(keys) | {"seconds", "status"} <= set(on_disk["stages"][stage]), stage
@@ -421,3 +422,26 @@ def test_the_report_reads_files_only(run_dir):
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n"
     assert json.loads((d / "report.json").read_text())["samples"][0]["answers"]["pretrain"]
+
+
+def test_smollm2_bars_measure_each_stage_against_the_one_before():
+    """A smollm2 run (report.json's preset) is held to issue 16's bars: pre-training's fact completion
+    above the base's, SFT's teacher score above the base's, the best method's above SFT's, 40
+    minutes and 16 GiB; any other preset to issues 8 and 15's."""
+    stages = {"base": {"fact_completion": 0.10, "teacher_score": 0.30},
+              "pretrain": {"fact_completion": 0.10}, "sft": {"teacher_score": 0.31, "correct_heldout_pupils": 0.6,
+                                                             "end_of_turn_rate": 0.98},
+              "dpo": {"teacher_score": 0.40, "win_rate_vs_sft": 0.59}, "ppo": {"teacher_score": 0.35,
+                                                                               "win_rate_vs_sft": 0.61}}
+    report = {"preset": "smollm2", "stages": stages, "seconds_total": 2400.0, "peak_memory_gib": 16.01}
+    bars = bars_py.check_bars(report)
+    assert {b["issue"] for b in bars.values()} == {16} and len(bars) == len(bars_py.SMOLLM2_BARS)
+    assert {name: b["met"] for name, b in bars.items()} == {
+        "run.seconds_total": True, "run.peak_memory_gib": False,
+        "pretrain.fact_completion vs base.fact_completion": False,   # equal is no gain
+        "sft.teacher_score vs base.teacher_score": True, "sft.correct_heldout_pupils": True,
+        "sft.end_of_turn_rate": True, "best.teacher_score vs sft.teacher_score": True,
+        "best.win_rate_vs_sft": True}
+    assert bars["best.teacher_score vs sft.teacher_score"]["best_stage"] == "dpo"
+    assert "issue 16" in bars_py.render(report)
+    assert set(bars_py.check_bars({**report, "preset": "default"})) == set(bars_py.BARS_BY_NAME)

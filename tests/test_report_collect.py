@@ -176,3 +176,20 @@ def test_a_torn_last_line_is_skipped_and_a_damaged_one_named(tmp_path, capsys):
     damaged.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
     with pytest.raises(UserError, match="eval_answers.jsonl:2"):
         read_jsonl_rows(damaged)
+
+
+def test_peak_memory_and_the_base_column_only_where_the_run_has_them(tmp_path):
+    """peak_memory_gib: the largest of DIR/memory.json's per-stage figures (null without the file);
+    stages.base only in a run with a base/ directory, its required keys null until it is done."""
+    write_json(tmp_path / "world" / "world.json", {"preset": "tiny"})
+    report = collect(tmp_path, created="now")
+    assert report["peak_memory_gib"] is None and "base" not in report["stages"]
+    write_json(tmp_path / "memory.json", {"world": 0.2, "sft": 3.25, "dpo": 2.5, "bad": "x"})
+    (tmp_path / "base").mkdir()
+    report = collect(tmp_path, created="now")
+    assert report["peak_memory_gib"] == 3.25
+    assert list(report["stages"])[:3] == ["world", "base", "pretrain"]
+    assert report["stages"]["base"]["status"] == "unfinished" and report["stages"]["base"]["teacher_score"] is None
+    write_json(tmp_path / "base" / "summary.json", {"fact_completion": 0.25, "teacher_score": 0.4, "base": "x.gguf"})
+    base = collect(tmp_path, created="now")["stages"]["base"]
+    assert base["status"] == "done" and base["fact_completion"] == 0.25 and base["teacher_score"] == 0.4

@@ -28,13 +28,16 @@ from lmschool.errors import UserError
 from lmschool.pipeline import BY_NAME, STAGES, Stage, names
 from lmschool.report.intervals import add_intervals
 
-SAMPLE_MODELS = ["pretrain", "sft", "dpo", "ppo"]   # the side-by-side columns, in this order
+SAMPLE_MODELS = ["base", "pretrain", "sft", "dpo", "ppo"]   # the side-by-side columns, in this order
 
 # Keys report.json always carries per stage (null when missing), as issues 8 and 15 list them; by stage
 # name, or by kind for the policy stages (each judged the same way); issue 15 adds the conduct
 # figures (flaws, hallucinations, behaviour) and the demonstrations' own.
 REQUIRED = {
     "world": ["demonstration_flaw_share"],
+    # a --base run's first column: pre-training's measure and SFT's, of the model as it came
+    "base": ["fact_completion", "teacher_score", "end_of_turn_rate", "correct_train_pupils",
+             "correct_heldout_pupils", "fact_correct", "refusal_correct"],
     "pretrain": ["val_loss", "val_bpb", "fact_completion"],
     "sft": ["teacher_score", "correct_heldout_pupils", "correct_train_pupils", "correct_arithmetic",
             "fact_correct", "refusal_correct", "end_of_turn_rate", "flaw_rate", "hallucination_rate",
@@ -178,7 +181,7 @@ def side_by_side_answers(run_dir: Path, n: int) -> list[dict]:
     if n <= 0:
         return []
     records = {m: read_jsonl_rows(BY_NAME[m].directory(run_dir) / "eval_answers.jsonl") for m in SAMPLE_MODELS}
-    source = next((r for m, r in records.items() if r and m != "pretrain"), None) or \
+    source = next((r for m, r in records.items() if r and m not in ("base", "pretrain")), None) or \
         read_jsonl_rows(run_dir / "world" / "eval.jsonl")
     rows = pick_prompts(source, n)
     if not rows:
@@ -287,11 +290,25 @@ def read_timings(run_dir: Path) -> dict[str, float]:
             if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
+def peak_memory_gib(run_dir: Path) -> float | None:
+    """The run's largest resident memory in GiB: the largest of DIR/memory.json's per-stage peaks
+    (ru_maxrss of the `lmschool run` process after each stage); None for a run without one."""
+    values = [v for v in (read_json_object(run_dir / "memory.json") or {}).values()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return max(values) if values else None
+
+
+def in_run(run_dir: Path, stage: Stage) -> bool:
+    """Whether the stage belongs in this run's report: all of them, but the base stage only in a
+    run that has one (a run from scratch keeps the report's shape it always had)."""
+    return not stage.with_base or stage.directory(run_dir).is_dir()
+
+
 def collect(run_dir: Path, *, created: str) -> dict:
     """report.json's figures but the plots and the side-by-side answers: the stages, their times,
     the machine, the sweep, the frontier's points and three examples of what feedback changed."""
     timings = read_timings(run_dir)
-    stages = {s.name: stage_entry(run_dir, s, timings) for s in STAGES}
+    stages = {s.name: stage_entry(run_dir, s, timings) for s in STAGES if in_run(run_dir, s)}
     seconds = dict(timings)
     for s in stages:
         if s not in seconds and stages[s]["seconds"] is not None:
@@ -305,6 +322,7 @@ def collect(run_dir: Path, *, created: str) -> dict:
         "seconds_total": sum(v for s, v in seconds.items() if not s.startswith("sweep/")),
         "seconds_sweep": sum(v for s, v in seconds.items() if s.startswith("sweep/")),
         "seconds": seconds,
+        "peak_memory_gib": peak_memory_gib(run_dir),
         "machine": machine_info(run_dir),
         "stages": stages,
         "sweep": sweep_entries(run_dir),

@@ -55,6 +55,9 @@ MEASURES = {
     "seconds": ("wall time", "seconds"),
 }
 TABLE_ROWS = {
+    "base": ["fact_completion", "fact_completion_seen", "fact_completion_heldout", "teacher_score", "correct",
+             "correct_train_pupils", "correct_heldout_pupils", "fact_correct", "correct_arithmetic",
+             "refusal_correct", "end_of_turn_rate", "params", "seconds"],
     "pretrain": ["val_loss", "val_bpb", "val_perplexity", "fact_completion", "fact_completion_seen",
                  "fact_completion_heldout", "params", "steps", "tokens_seen", "seconds"],
     "sft": ["teacher_score", "correct", "correct_train_pupils", "correct_heldout_pupils", "fact_correct",
@@ -158,6 +161,10 @@ def lesson_rows(stages: dict[str, dict]) -> list[list[str]]:
         return stages.get(name, {}).get("status") == "done"
 
     rows = []
+    if done("base"):   # facts right: completing the corpus's sentences, and (in parentheses) in chat
+        base = stages["base"]
+        rows.append([TITLES["base"], fmt(base.get("fact_completion"), "rate") + f" (in chat {fmt(base.get('fact_correct'), 'rate')})",
+                     fmt(base.get("end_of_turn_rate"), "rate"), fmt(base.get("refusal_correct"), "rate"), *["—"] * 4])
     if done("pretrain"):
         rows.append([TITLES["pretrain"], fmt(stages["pretrain"].get("fact_completion"), "rate"), *["—"] * 6])
     if done("sft"):
@@ -221,6 +228,7 @@ def examples_section(report: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     st = report["stages"]
     policies = names("policy")
+    has_base = st.get("base", {}).get("status", "not run") != "not run"   # a `run --base` (see collect.in_run)
     lines = [f"# lmschool run report: `{report['run_dir']}`", "",
              "One small chat model trained in three stages on the school world: **pre-training** (reading "
              "a corpus), **SFT** (taught to answer in a chat format), and **learning from feedback** (a noisy "
@@ -233,8 +241,17 @@ def render_markdown(report: dict) -> str:
              "for a rate over n answers, a normal interval over the per-prompt outcomes for a win rate.", "",
              f"Wall time in all: **{fmt(report['seconds_total'], 'seconds')}** on {report['machine']['cpu']} "
              f"({report['machine']['cores']} cores, {report['machine']['device']}); report written "
-             f"{report['created']}.", ""]
+             f"{report['created']}." + (f" Peak memory: **{report['peak_memory_gib']:.2f} GiB**."
+                                         if report.get("peak_memory_gib") is not None else ""), ""]
+    if has_base:
+        lines += ["This run teaches a model trained elsewhere (`lmschool run --base`): its own scores, judged "
+                  "as the stages are, are the first row and column; pre-training continues from it on the "
+                  "school's corpus, with its tokenizer.", ""]
     lines += lessons_section(report) + examples_section(report)
+    if has_base:
+        lines += ["## Stage 0: the base model", ""]
+        lines += [_status_line(st["base"]), ""] if _status_line(st["base"]) else \
+            table(["measure", "value"], _measure_rows({"base": st["base"]}, TABLE_ROWS["base"])) + [""]
 
     lines += ["## Stage 1: pre-training", ""]
     lines += [_status_line(st["pretrain"]), ""] if _status_line(st["pretrain"]) else \
@@ -304,6 +321,8 @@ def render_markdown(report: dict) -> str:
     if report["samples"]:
         lines += ["The pre-trained model answers greedily through the chat template it has never seen; the "
                   "others' answers are those their stages judged (eval_answers.jsonl).", ""]
+        if has_base:
+            lines += ["The base model answers greedily through its own chat template, as it came.", ""]
 
     lines += ["## Wall time per stage", ""]
     lines += table(["stage", "seconds"], [[TITLES.get(s, s), fmt(v, "seconds")] for s, v in report["seconds"].items()]
