@@ -117,13 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
     except UserError as e:
         print(f"lmschool {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nlmschool {args.command}: interrupted", file=sys.stderr)
         return 130
+    if "lmschool.distributed" in sys.modules:   # a stage run by torchrun: leave its process group now
+        sys.modules["lmschool.distributed"].shutdown()   # that run()'s models are gone
+    return status
 
 
 if __name__ == "__main__":

@@ -155,5 +155,13 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group once a command is done (`lmschool.cli.main` calls it after the
+    command has returned, so the stage's DDP / FSDP models are already freed): a wrapped model
+    that outlives its process group can abort the process at exit ("terminate called without an
+    active exception", seen with gloo on rank 1 of a PPO run). Every rank waits for the others
+    first, then cycles are collected before the group goes."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()

@@ -403,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
                        seconds_eval=time.time() - t0, seconds=timer.seconds)
         finish_run(run, summary)
         print_summary(summary, run.out / "model")
-    distributed.shutdown()
+    distributed.barrier()   # the group is left by cli.main, once this run's models are freed
     return 0
 
 

@@ -654,7 +654,6 @@ def run(args: argparse.Namespace) -> int:
         finish_run(run, summary)
         print_summary(summary, run.out / "model")
     distributed.barrier()
-    distributed.shutdown()
     return 0
 
 

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         if "fact_completion" in summary:
             print(f"pretrain: fact completion {summary['fact_completion']:.1%} over "
                   f"{summary['fact_completion_probes']} probes")
-    distributed.shutdown()
+    distributed.barrier()   # the group is left by cli.main, once this run's models are freed
     return 0
 
 

@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         write_test_rewards(out / "test_rewards.jsonl", test, chosen - bias, rejected - bias)
         finish_run(run, summary)
         print_summary(summary, run.out / "model")
-    distributed.shutdown()
+    distributed.barrier()   # the group is left by cli.main, once this run's models are freed
     return 0
 
 

@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         summary["seconds"] = timer.seconds
         finish_run(run, summary)
         print_summary("sft", summary, run.out / "model")
-    distributed.shutdown()
+    distributed.barrier()   # the group is left by cli.main, once this run's models are freed
     return 0
 
 
