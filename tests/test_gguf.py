@@ -13,6 +13,7 @@ import torch
 
 from lmschool.cli import main
 from lmschool.gguf import hf_name, unpermute_rows
+from gguf_files import tiny_gguf
 
 gguf = pytest.importorskip("gguf", reason="the `gguf` package is not installed (pip install 'lmschool[dev]')")
 transformers = pytest.importorskip("transformers", reason="transformers (the oracle) is not installed")
@@ -142,15 +143,6 @@ def test_chat_template_is_the_files_own(imported, ours, from_gguf):
 
 
 # ---- bad input: one line, exit 2, nothing written --------------------------------------------------
-
-def tiny_gguf(path, arch):
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
 
 @pytest.mark.parametrize("case", ["truncated", "not gguf", "architecture"])
 def test_a_bad_file_is_one_line_and_nothing_is_written(tmp_path, capsys, case):

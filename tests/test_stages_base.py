@@ -14,6 +14,7 @@ import pytest
 from lmschool.cli import main
 from lmschool.pipeline import NAMES, pipeline_stages
 from test_chat_template import family
+from gguf_files import tiny_gguf
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the tiny checkpoints")
 torch = pytest.importorskip("torch")
@@ -120,16 +121,6 @@ def test_base_judges_a_llama3_template_checkpoint(tmp_path, world):
     answers = [json.loads(line) for line in (out / "eval_answers.jsonl").read_text().splitlines()]
     assert len(answers) == summary["eval_rows"] and all("response" in a for a in answers)
     assert main(["base", "--base", str(base), "--world", str(world), "--out", str(out)]) == 2   # judged already
-
-
-def tiny_gguf(path, arch):
-    gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.mark.parametrize("case", ["missing", "not a model", "a file", "gguf of another architecture",
