@@ -354,7 +354,8 @@ class Trainer:
             if checkpoint_dirs(self.run_dir):
                 raise UserError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'} can be resumed from "
                                 "(each is damaged, see above); pass --force to start the run afresh")
-            truncate_metrics(self.run_dir / "metrics.jsonl", 0)   # killed before its first checkpoint: afresh
+            if self.dist.is_main:   # only rank 0 writes metrics.jsonl: two ranks rewriting it lose lines
+                truncate_metrics(self.run_dir / "metrics.jsonl", 0)   # killed before its first checkpoint: afresh
             return False
         with_adapters = (last / adapters.ADAPTER_CONFIG).is_file()
         if with_adapters != adapters.has_adapters(self.model):
@@ -373,7 +374,8 @@ class Trainer:
                             f"({str(e).splitlines()[-1].strip()[:120]}); resume with the settings the run "
                             "started with (RUN/config.yaml), or pass --force to start afresh") from None
         self.load_state_dict(load_training_state(last))
-        truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        if self.dist.is_main:   # only rank 0 writes metrics.jsonl: two ranks rewriting it lose lines
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         return True
 
     # ---- the loop ----------------------------------------------------------------------------
