@@ -209,3 +209,52 @@ def test_a_column_the_data_lacks_is_one_line(tmp_path, tok, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "takes the column(s) answer, which the data does not have" in err[0]
     assert not (tmp_path / "a.jsonl").exists()
+
+
+TEXT_ROWS = [{"text": f"Pupil {i} likes the colour {c}.\nA second line."} for i, c in enumerate(["red", "blue", "green"])]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pretraining_text_from_every_source(kind, tmp_path, tok):
+    """`pretrain --data` (and --replay, --ptx, `tokenizer train`) read a "text" column from every
+    source: the same documents, the same token files and the same bytes as {"text"} JSONL."""
+    from lmschool.data.pretrain import prepare
+    from lmschool.data.text import check_data, read_documents, text_fingerprint
+
+    jsonl = write("jsonl", TEXT_ROWS, tmp_path / "t.jsonl")
+    src = source(tmp_path, kind, TEXT_ROWS, "t")
+    if kind == "datasetdict":   # its "test" split holds every row
+        assert list(read_documents(str(src).replace("@test", "@train"))) == [TEXT_ROWS[0]["text"]]
+    assert list(read_documents(src)) == [r["text"] for r in TEXT_ROWS]
+    assert check_data([src]) == check_data([jsonl])
+    a, b = prepare([jsonl], tok, tmp_path / "a"), prepare([src], tok, tmp_path / "b")
+    assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
+    assert {k: a[k] for k in ("train", "val")} == {k: b[k] for k in ("train", "val")}
+    assert text_fingerprint([src]) != text_fingerprint([source(tmp_path, kind, TEXT_ROWS[:2], "t2")])
+
+
+def test_a_text_row_without_text_names_its_row(tmp_path):
+    from lmschool.data.text import check_data
+
+    src = write("parquet", [{"text": "fine", "content": "a"}, {"content": "no text here"}], tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet:row 2: expected a \"text\" string .*no text column "
+                                        r"\(columns: content\); name the text column"):
+        check_data([src])
+
+
+def test_pretrain_reads_parquet_and_resumes_only_on_the_same_rows(tmp_path, capsys):
+    rows = [{"text": f"Pupil {i} has a cat called Tom {i}. " * 4} for i in range(60)]
+    data = write("parquet", rows, tmp_path / "corpus.parquet")
+    small = ["model.hidden_size=16", "model.intermediate_size=32", "model.num_hidden_layers=1",
+             "model.num_attention_heads=2", "model.num_key_value_heads=2", "vocab_size=300", "seq_len=16",
+             "batch_size=2", "eval_every=0", "log_every=1", "save_every=1", "samples=0", "compile=false"]
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "max_steps=2", *small]) == 0
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 60
+    (out / "summary.json").unlink()                                  # as if it had stopped before the end
+    other = write("parquet", rows[:59], tmp_path / "other.parquet")
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(other), "--out", str(out), "--resume", "max_steps=2", *small]) == 2
+    assert "the training data differs" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--resume", "max_steps=2", *small]) == 0

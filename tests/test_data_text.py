@@ -42,7 +42,7 @@ def test_bad_input_names_file_and_line(tmp_path, name, content, message):
 def test_missing_directory_and_empty_files_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="nope.txt: no such file"):
         check_data([tmp_path / "nope.txt"])
-    with pytest.raises(DataError, match="is a directory"):
+    with pytest.raises(DataError, match="a directory, but not one written by `datasets.save_to_disk`"):
         check_data([tmp_path])
     (tmp_path / "empty.txt").write_text(" \n\n")
     with pytest.raises(DataError, match="empty.txt: holds no text"):

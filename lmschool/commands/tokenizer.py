@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     train = actions.add_parser("train", help="train a tokenizer; save it as a Hugging Face tokenizer directory")
     train.add_argument("--data", type=Path, action="append", required=True, metavar="FILE",
-                       help="text file, or .jsonl with {\"text\": ...} per line; repeat for more files")
+                       help="text file, or rows with a \"text\" column (JSONL, JSON, Parquet, CSV, a saved "
+                            "dataset DIR, hf:NAME); repeat for more files")
     train.add_argument("--vocab-size", type=int, metavar="N",
                        help=f"tokens in all, at least {256 + len(SPECIAL_TOKENS)} (unless --byte-level)")
     train.add_argument("--byte-level", action="store_true",

@@ -20,7 +20,6 @@ never leaves less than there was. `finish_run` writes summary.json and swaps the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -159,17 +158,6 @@ def check_vocab(model, tokenizer: Tokenizer, where: str) -> None:
     if model.config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"{where} has vocab_size {model.config.vocab_size}, smaller than the "
                         f"tokenizer's {tokenizer.vocab_size}")
-
-
-def file_fingerprint(paths: list[Path]) -> str:
-    """A hash of the files' contents, in order (for data read from files as they are)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def check_same_data(out: Path, info: dict, resuming: bool, keys: tuple[str, ...] = ("fingerprint",)) -> None:

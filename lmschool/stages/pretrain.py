@@ -30,7 +30,7 @@ from lmschool.config import check
 from lmschool.data.jsonl import read_jsonl
 from lmschool.data.pretrain import TokenWindows, load_tokens, prepare, val_batches
 from lmschool.data.prompts import SIDE_BY_SIDE, pick_prompts
-from lmschool.data.text import check_data
+from lmschool.data.text import check_data, text_fingerprint
 from lmschool.evaluate import lm_loss_and_bpb
 from lmschool.files import atomic_write_text
 from lmschool.generate import generate
@@ -38,7 +38,7 @@ from lmschool.judges import school_teacher, world_file
 from lmschool.losses.lm import lm_loss
 from lmschool.model import ModelConfig, build_model
 from lmschool.runtime import autocast
-from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, file_fingerprint,
+from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab,
                                     finish_run, load_stage_config, open_run, save_resolved_config, write_data_info)
 from lmschool.tokenizer import Tokenizer, train_tokenizer
 from lmschool.trainer import TrainConfig, fit
@@ -77,7 +77,8 @@ CONFIG = PretrainConfig  # what `lmschool run` checks every stage's overrides ag
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, action="append", required=True, metavar="FILE",
-                        help="UTF-8 text (documents separated by <|endoftext|> lines) or {\"text\"} JSONL; repeatable")
+                        help="UTF-8 text (documents separated by <|endoftext|> lines), or rows with a \"text\" column: JSONL, "
+                             "JSON, Parquet, CSV, a datasets.save_to_disk DIR[@SPLIT], hf:NAME[:CONFIG][@SPLIT]; repeatable")
     parser.add_argument("--init", metavar="CKPT", help="start from this checkpoint (lmschool run or HF directory)")
     parser.add_argument("--tokenizer", type=Path, metavar="DIR", help="use this tokenizer instead of training one")
     add_run_arguments(parser)
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if run.finished:
         return 0
     out, resuming = run.path, run.resuming
-    data_info = {"data": [str(p) for p in args.data], "fingerprint": file_fingerprint(args.data)}
+    data_info = {"data": [str(p) for p in args.data], "fingerprint": text_fingerprint(args.data)}
     check_same_data(out, data_info, resuming)  # a resumed run reads RUN/data, tokenised when it started
 
     # --- tokenizer and data (rank 0 prepares, the others wait and read) ---

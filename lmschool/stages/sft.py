@@ -44,7 +44,7 @@ from lmschool.config import check
 from lmschool.data.pretrain import TokenWindows, load_tokens, prepare
 from lmschool.data.prompts import read_prompts
 from lmschool.data.sft import SFTBatches, WithReplay, eval_batches, fingerprint, load_examples, split_examples
-from lmschool.data.text import check_data
+from lmschool.data.text import check_data, is_row_source, text_fingerprint
 from lmschool.data.sources import read_rows
 from lmschool.errors import UserError
 from lmschool.evaluate import evaluate_generations, evaluate_sampled, judge_demonstrations
@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='chat JSONL: {"messages": [...]} or {"prompt", "completion"} per line; repeatable')
     parser.add_argument("--eval", type=Path, metavar="FILE",
                         help='prompts to answer and judge at the end ({"prompt": ...} JSONL, e.g. eval.jsonl)')
-    parser.add_argument("--replay", type=Path, action="append", metavar="FILE",
+    parser.add_argument("--replay", type=Path, action="append", metavar="SOURCE",
                         help="pre-training text (as for `lmschool pretrain --data`) mixed into every step "
                              "(replay_windows) so the model keeps what it read; repeatable")
     parser.add_argument("--scorer", metavar="MODULE:FUNCTION",
@@ -169,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
     out, resuming = run.path, run.resuming
     data_info = {"data": [str(p) for p in args.data], "fingerprint": fingerprint(train),
                  "train_examples": len(train), "val_examples": len(val),
-                 "replay": [[str(p), p.stat().st_size] for p in args.replay or []]}
+                 "replay": [[str(p), text_fingerprint([p]) if is_row_source(p) else p.stat().st_size]
+                            for p in args.replay or []]}
     check_same_data(out, data_info, resuming, keys=("fingerprint", "replay"))
     if args.replay:
         data = WithReplay(data, replay_source(args.replay, tokenizer, out / "replay", cfg, dist, resuming))
