@@ -142,7 +142,8 @@ def check_tracker(report_to: str) -> None:
 class MetricSinks:
     """The figures of each metrics.jsonl line, as scalars at its step, sent to TensorBoard (event
     files in RUN/tensorboard; a resumed run drops the events past its checkpoint, as it does the
-    jsonl lines) or to W&B (a run named after RUN, its files in RUN/wandb; WANDB_MODE=offline
+    jsonl lines) or to W&B (a run named after RUN, its files in RUN/wandb, the same W&B run when
+    RUN resumes; WANDB_MODE=offline
     keeps it on this machine, WANDB_PROJECT names the project, default lmschool). Numbers only:
     strings, dicts (PPO's sample) and non-finite values are left to metrics.jsonl."""
 
@@ -153,10 +154,19 @@ class MetricSinks:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
         elif report_to == "wandb":
             import os
+            import secrets
 
             import wandb
+            # one W&B run per lmschool run: its id kept in RUN/wandb/run-id, so a resumed run
+            # continues the same W&B run (steps it logs again past the checkpoint are W&B's to drop)
+            id_file = run_dir / "wandb" / "run-id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else ""
+            if not run_id:
+                run_id = secrets.token_hex(6)       # W&B ids: lowercase letters and digits
+                id_file.parent.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(run_id + "\n")
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lmschool"), name=run_dir.name,
-                                  dir=str(run_dir), config=config or {})
+                                  dir=str(run_dir), config=config or {}, id=run_id, resume="allow")
 
     @staticmethod
     def scalars(record: dict) -> dict[str, float]:

@@ -164,6 +164,24 @@ def test_wandb_offline_gets_the_same_figures(init, world, tmp_path, monkeypatch)
     assert sent == expected and len(sent) >= 3      # two steps and the held-out figures
 
 
+def test_a_resumed_run_continues_its_wandb_run(init, world, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids, real_init = [], wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: ids.append((kwargs["id"], kwargs["resume"])) or real_init(**kwargs))
+    out, args = tmp_path / "run", ["max_steps=2", "batch_size=4", "log_every=1", "save_every=1", "report_to=wandb", *CPU]
+    dpo = ["dpo", "--init", str(init), "--data", str(world / "prefs.jsonl"), "--out", str(out)]
+    assert main([*dpo, *args]) == 0
+    (out / "summary.json").unlink()                                  # as if it had stopped before the end
+    assert main([*dpo, "--resume", *args, "max_steps=3"]) == 0
+    assert len(ids) == 2 and ids[0] == ids[1] and ids[0][1] == "allow" and len(ids[0][0]) >= 8
+    assert (out / "wandb" / "run-id").read_text().strip() == ids[0][0]
+    other = tmp_path / "other"
+    assert main(["dpo", "--init", str(init), "--data", str(world / "prefs.jsonl"), "--out", str(other), *args]) == 0
+    assert ids[2][0] != ids[0][0]                                    # another run, another W&B run
+
+
 def test_wandb_not_installed_is_one_clear_line(init, world, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)   # `import wandb` raises ImportError
     out = tmp_path / "run"
