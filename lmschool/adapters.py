@@ -47,6 +47,7 @@ from lmschool.errors import UserError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LMSCHOOL_CONFIG = "lmschool_config.json"
+RELATIVE_BASE = "lmschool_base_relative"   # in LMSCHOOL_CONFIG: the base's path from the adapter's directory
 """In an adapter directory: the config.json the merged model has (family, shape, lmschool section)."""
 PREFIX = "base_model.model."   # PEFT's prefix of every key: PeftModel -> LoraModel -> the HF model
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -332,7 +333,8 @@ def lora_config_of(adapter: dict) -> LoraConfig:
 
 def adapter_base(path: Path, adapter: dict) -> Path:
     """The base checkpoint an adapter was trained on: base_model_name_or_path, absolute or relative
-    to the adapter's directory."""
+    to the adapter's directory; where that is gone, the base at the same place relative to the
+    adapter as when lmschool saved it (a runs directory moved or copied as a whole)."""
     name = adapter.get("base_model_name_or_path")
     if not name:
         raise UserError(f"{path / ADAPTER_CONFIG} names no base_model_name_or_path; merge it onto its base "
@@ -340,6 +342,13 @@ def adapter_base(path: Path, adapter: dict) -> Path:
     base = Path(name)
     if not base.is_absolute() and not base.exists():
         base = path / base
+    if not base.exists():   # moved with the adapter (runs/ copied elsewhere): lmschool's relative record
+        try:
+            relative = json.loads((path / LMSCHOOL_CONFIG).read_text(encoding="utf-8")).get(RELATIVE_BASE)
+        except (OSError, ValueError, AttributeError):
+            relative = None
+        if isinstance(relative, str) and (path / relative).exists():
+            base = (path / relative).resolve()
     if not base.exists():
         raise UserError(f"{path} is a LoRA adapter on {name} (its {ADAPTER_CONFIG}: base_model_name_or_path), "
                         f"which does not exist here; restore it, or set that key to where the base is")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,8 +48,10 @@ STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 
 
-def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra: dict | None = None) -> None:
-    """Write the HF files of `model` (and its tokenizer) into an existing directory."""
+def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra: dict | None = None,
+                at: Path | None = None) -> None:
+    """Write the HF files of `model` (and its tokenizer) into an existing directory, which will be
+    at `at` (an atomic write's final place): an adapter records its base relative to it too."""
     directory = Path(directory)
     weights = "model.safetensors"
     if adapters.has_adapters(model):
@@ -64,7 +67,11 @@ def write_model(directory: str | Path, model: Transformer, tokenizer=None, extra
         stop = list(tokenizer.stop_ids)
         ids = dict(bos_token_id=None, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     cfg = to_hf_config(model.config, model.head, extra=extra, **ids)
-    config_name = adapters.LMSCHOOL_CONFIG if adapters.has_adapters(model) else "config.json"
+    config_name = "config.json"
+    if adapters.has_adapters(model):
+        config_name = adapters.LMSCHOOL_CONFIG
+        if at is not None:   # the base found again after a move of the runs that holds both
+            cfg[adapters.RELATIVE_BASE] = os.path.relpath(Path(model.adapter_spec.base).resolve(), Path(at).resolve())
     (directory / config_name).write_text(json.dumps(cfg, indent=2) + "\n")
     if model.head == "lm":
         gen = {"_from_model_config": False, "do_sample": False}
@@ -77,7 +84,7 @@ def save_model(path: str | Path, model: Transformer, tokenizer=None, extra: dict
     """Atomically write an HF model directory at `path` (its manifest last)."""
     check_finite(model, Path(path))
     with atomic_dir(path) as tmp:
-        write_model(tmp, model, tokenizer, extra)
+        write_model(tmp, model, tokenizer, extra, at=Path(path))
         write_manifest(tmp)
     return Path(path)
 
@@ -343,7 +350,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: Transformer,
     path = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
     check_finite(model, path)
     with atomic_dir(path) as tmp:
-        write_model(tmp, model, tokenizer, extra)
+        write_model(tmp, model, tokenizer, extra, at=path)
         torch.save(state, tmp / STATE_FILE)
         write_manifest(tmp)
     for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:

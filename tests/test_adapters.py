@@ -19,6 +19,7 @@ from lmschool.adapters import (ADAPTER_CONFIG, LoRALinear, LoraConfig, WithoutAd
                                merge_adapters)
 from lmschool.checkpoint import load_model, save_model
 from lmschool.cli import main
+from lmschool.errors import UserError
 from lmschool.losses.preference import sequence_logprobs
 from lmschool.model import ModelConfig, build_model
 from lmschool.optim import build_optimizer
@@ -309,3 +310,22 @@ def test_resuming_with_other_lora_settings_is_refused(sft, world, tmp_path, caps
     assert dpo(sft, world, out, "max_steps=2", "save_every=1", "--resume") == 2
     err = capsys.readouterr().err
     assert "started with LoRA adapters" in err and "config.yaml" in err
+
+
+def test_an_adapter_finds_its_base_after_the_runs_are_moved(sft, world, tmp_path):
+    """base_model_name_or_path is absolute (as PEFT reads it); when the runs directory holding both
+    moves, the adapter finds its base where it is relative to it."""
+    runs = tmp_path / "runs"
+    shutil.copytree(sft.parent, runs / "sft")
+    assert dpo(runs / "sft", world, runs / "dpo", "max_steps=1", "lora.r=4", "lora.alpha=8", "lr=3e-2") == 0
+    with torch.no_grad():
+        before = load_model(runs / "dpo")(IDS)
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.move(runs, moved)
+    config = json.loads((moved / "dpo" / "model" / ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str((runs / "sft" / "model").resolve())   # gone now
+    with torch.no_grad():
+        assert torch.equal(load_model(moved / "dpo")(IDS), before)
+    shutil.rmtree(moved / "sft")
+    with pytest.raises(UserError, match="which does not exist here"):
+        load_model(moved / "dpo")
