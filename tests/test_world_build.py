@@ -169,7 +169,7 @@ def test_every_category_is_present_in_its_documented_share(tiny):
             share = sum(r["category"] == category for r in rows) / len(rows)
             assert share > 0, (name, category)
             assert abs(share - mix[category]) <= 1 / len(rows) + 1e-9, (name, category)
-    assert sum(r["category"] == "refuse" for r in sft) == round(0.05 * len(sft))
+    assert sum(r["category"] == "refuse" for r in sft) == round(0.12 * len(sft))
     assert any(r["turns"] > 1 for r in sft)
     evals = _rows(tiny, "eval.jsonl")
     for category in CATEGORIES:

@@ -85,9 +85,12 @@ class Preset:
     """Share of conversations (sft, prompts) with two or three user turns."""
     system_share: float = 0.1
     """Share of conversations that open with a system message."""
-    sft_mix: dict[str, float] = field(default_factory=lambda: _mix(0.50, 0.20, 0.085, 0.105, 0.05, 0.06))
-    """Category shares in sft.jsonl. Forbidden requests are one in twenty: at 1.5% an SFT model
-    hardly ever sampled a refusal with the request's own reason, so feedback had none to prefer."""
+    sft_mix: dict[str, float] = field(default_factory=lambda: _mix(0.50, 0.05, 0.085, 0.085, 0.12, 0.16))
+    """Category shares in sft.jsonl. Forbidden requests are one in eight and honesty questions one
+    in six: at 5% and 6% (session 8) the SFT model confused the ten forbidden topics' reasons and
+    the held facts with the unheld (film, book, birthday, best friend), and sampled an invented
+    answer to 60% of honesty questions; at these shares 23%, with refusals with the request's own
+    reason 60% -> 68% (greedy) and the facts unchanged. Sums, no longer a bar, gave up the room."""
     prompt_mix: dict[str, float] = field(default_factory=lambda: _mix(0.36, 0.12, 0.08, 0.10, 0.20, 0.14))
     """Category shares in prompts.jsonl and prefs.jsonl. Forbidden requests are one in five and
     honesty questions one in seven, where SFT inherits most of its demonstrators' flaws (as
@@ -113,17 +116,18 @@ PRESETS: dict[str, Preset] = {
         town_pages_per_town=1, playground=40, sums=30, quizzes=10, rules=5,
         sft=200, prompts=60, pref_prompts=40, eval_fact_seen=2, eval_fact_heldout=2,
         eval_other=dict(arithmetic=5, refuse=3, story=2, smalltalk=2, unknown=3)),
-    # A real 135M model (SmolLM2, `lmschool run --preset smollm2`) on a 2-core CPU: it trains at ~140
-    # tokens/s, so the whole run's 40 minutes buy ~100k training tokens in all. 40 pupils (10 held
-    # out) make a corpus of ~25k SmolLM2 tokens that continued pre-training reads several times
-    # (a model that already reads English needs passes over the facts, not over the language);
+    # A real 135M model (SmolLM2, `lmschool run --preset smollm2`) on a 2-core CPU: it trains at
+    # ~100-140 tokens/s, so the whole run's 40 minutes buy ~100k training tokens in all. 24 pupils (6
+    # held out) make a corpus of ~16k SmolLM2 tokens that continued pre-training reads three times
+    # (a model that already reads English needs passes over the facts, not over the language; 40
+    # pupils' 37k tokens read 1.3 times left fact completion at 12.9%, these 41%: bench/RESULTS.md);
     # 400 conversations (~30k tokens) are two SFT epochs; 160 prompts give the labeller and PPO
     # fresh prompts; 102 eval rows (4 questions per fact type each for seen and held-out pupils:
     # 28 held-out rows, the heldout-fact bar read to about +-18 points) keep each judgement's
     # generation to a couple of minutes.
     "smollm2": Preset(
-        name="smollm2", pupils=40, heldout_share=0.25, profiles_per_pupil=4, stories=60, fact_lists=40,
-        town_pages_per_town=1, playground=60, sums=60, quizzes=30, rules=12,
+        name="smollm2", pupils=24, heldout_share=0.25, profiles_per_pupil=4, stories=24, fact_lists=24,
+        town_pages_per_town=1, playground=12, sums=12, quizzes=12, rules=12,
         sft=400, prompts=160, pref_prompts=100, eval_fact_seen=4, eval_fact_heldout=4,
         eval_other=dict(arithmetic=10, refuse=16, story=4, smalltalk=4, unknown=12)),
 }
