@@ -194,9 +194,9 @@ EXPECTED_SECONDS = {
                 "ipo": 51, "simpo": 40, "ppo": 75, "grpo": 42, "sweep": 65},
     "tiny": {"world": 1, "base": 3, "pretrain": 5, "sft": 5, "label": 3, "reward": 3, "dpo": 3, "ipo": 3,
              "simpo": 3, "ppo": 5, "grpo": 5, "sweep": 3},
-    # SmolLM2-135M (configs/*-smollm2.yaml), planned from ~140 tokens/s of training and ~100 of generation
-    "smollm2": {"world": 1, "base": 120, "pretrain": 420, "sft": 600, "label": 240, "reward": 150, "dpo": 300,
-                "ipo": 300, "simpo": 300, "ppo": 480, "grpo": 480, "sweep": 400},
+    # SmolLM2-135M (configs/*-smollm2.yaml), measured alone on a 2-core AVX2 CPU (session 9, fp32)
+    "smollm2": {"world": 1, "base": 81, "pretrain": 431, "sft": 444, "label": 114, "reward": 238, "dpo": 525,
+                "ipo": 525, "simpo": 500, "ppo": 881, "grpo": 881, "sweep": 600},
 }
 # a 135M model's checkpoints are ~0.5 GB each (weights) plus optimizer state on resume
 MIN_FREE_BYTES = {"default": 300 << 20, "tiny": 30 << 20, "smollm2": 8 << 30}
