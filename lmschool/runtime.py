@@ -143,9 +143,9 @@ class MetricSinks:
     """The figures of each metrics.jsonl line, as scalars at its step, sent to TensorBoard (event
     files in RUN/tensorboard; a resumed run drops the events past its checkpoint, as it does the
     jsonl lines) or to W&B (a run named after RUN, its files in RUN/wandb, the same W&B run when
-    RUN resumes; WANDB_MODE=offline
-    keeps it on this machine, WANDB_PROJECT names the project, default lmschool). Numbers only:
-    strings, dicts (PPO's sample) and non-finite values are left to metrics.jsonl."""
+    RUN resumes; WANDB_MODE=offline keeps it on this machine, WANDB_PROJECT names the project,
+    default lmschool). Numbers only: strings, dicts (PPO's sample) and non-finite values are left
+    to metrics.jsonl."""
 
     def __init__(self, report_to: str, run_dir, config: dict | None = None, start_step: int = 0):
         self.report_to, self.writer, self.run = report_to, None, None

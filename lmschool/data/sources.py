@@ -46,7 +46,7 @@ def read_rows(source: str | Path, what: str) -> Iterator[tuple[str, dict]]:
     if name.startswith(HF_PREFIX):
         yield from _dataset_rows(name, _load_hub(name), what)
         return
-    path, split = _split_suffix(Path(source))
+    path, split = split_suffix(Path(source))
     if path.is_dir():
         yield from _dataset_rows(name, _load_disk(path, split, name), what)
         return
@@ -61,7 +61,7 @@ def read_rows(source: str | Path, what: str) -> Iterator[tuple[str, dict]]:
         yield from read_jsonl(path, what)
 
 
-def _split_suffix(path: Path) -> tuple[Path, str | None]:
+def split_suffix(path: Path) -> tuple[Path, str | None]:
     """DIR@SPLIT -> (DIR, SPLIT) for a saved DatasetDict; anything else as it is."""
     name = str(path)
     if "@" in path.name and not path.exists():

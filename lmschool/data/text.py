@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmschool.data.sources import HF_PREFIX, read_rows
+from lmschool.data.sources import HF_PREFIX, read_rows, split_suffix
 from lmschool.errors import DataError
 from lmschool.tokenizer import ENDOFTEXT
 
@@ -29,7 +29,7 @@ def is_row_source(path: Path | str) -> bool:
     if name.startswith(HF_PREFIX):
         return True
     path = Path(path)
-    if path.is_dir() or ("@" in path.name and not path.exists() and Path(name.rpartition("@")[0]).is_dir()):
+    if split_suffix(path)[0].is_dir():   # a saved dataset: DIR or DIR@SPLIT
         return True
     return path.suffix.lower() in (".json", ".parquet", ".csv") and path.is_file()
 
