@@ -1,24 +1,30 @@
 #!/bin/bash
-# (issue 15, session 9) A second round of RLHF, as InstructGPT and Llama 2 iterate: the round-1 PPO
-# policy's answers labelled by the rater, the reward model retrained on both rounds' pairs, PPO again
-# from SFT against it. RUN is a finished `lmschool run` directory; OUT gets the round-2 runs.
-#   bash bench/feedback/iterate_rm.sh runs/demo /tmp/round2
+# (issue 15, session 9) One more round of RLHF, as InstructGPT and Llama 2 iterate: POLICY's answers
+# to RUN's prompts labelled by the rater, the reward model trained again from SFT on PAIRS (the
+# earlier rounds' pairs) plus these, PPO again from SFT against it. RUN is a finished `lmschool run`
+# directory; ROUND (2, 3 ...) seeds the labelling and numbers the new prompt groups; OUT gets
+# prefs_all.jsonl, reward/ and ppo/; further key=value go to PPO.
+#   bash bench/feedback/iterate_rm.sh runs/demo /tmp/round2 runs/demo/ppo runs/demo/label/prefs.jsonl 2
+#   bash bench/feedback/iterate_rm.sh runs/demo /tmp/round2x runs/demo/ppo runs/demo/label/prefs.jsonl 2 max_steps=40
+#   bash bench/feedback/iterate_rm.sh runs/demo /tmp/round3 /tmp/round2x/ppo /tmp/round2/prefs_all.jsonl 3 max_steps=40
 set -euo pipefail
-RUN=$1; OUT=$2; L=${LMSCHOOL:-.venv/bin/lmschool}
+RUN=$1; OUT=$2; POLICY=$3; PAIRS=$4; ROUND=$5; shift 5
+L=${LMSCHOOL:-.venv/bin/lmschool}
 mkdir -p "$OUT"
-$L label --policy "$RUN/ppo" --prompts "$RUN/world/prompts.jsonl" --out "$OUT/prefs_ppo.jsonl" --config configs/label.yaml seed=1
-# round 2's pairs all train, none on a prompt round 1 holds out: the reward models' held-out accuracy
-# is then read on the same pairs (round 1's test split)
-python3 - "$RUN/label/prefs.jsonl" "$OUT/prefs_ppo.jsonl" "$OUT/prefs_both.jsonl" <<'PY'
+$L label --policy "$POLICY" --prompts "$RUN/world/prompts.jsonl" --out "$OUT/prefs_new.jsonl" --config configs/label.yaml seed=$((ROUND - 1))
+# the new pairs all train, none on a prompt round 1 holds out (their groups from ROUND - 1 million): the
+# reward models' held-out accuracy is then read on the same pairs, round 1's test split
+python3 - "$RUN/label/prefs.jsonl" "$PAIRS" "$OUT/prefs_new.jsonl" "$OUT/prefs_all.jsonl" "$ROUND" <<'PY'
 import json, sys
-first = [json.loads(l) for l in open(sys.argv[1])]
-held = {json.dumps(r["prompt"]) for r in first if r.get("split") == "test"}
-second = [dict(r, split="train", group=r["group"] + 10**6) for r in map(json.loads, open(sys.argv[2]))
-          if json.dumps(r["prompt"]) not in held]
-with open(sys.argv[3], "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in first + second)
-print(f"{len(first)} round-1 pairs, {len(second)} round-2 training pairs")
+held = {json.dumps(r["prompt"]) for r in map(json.loads, open(sys.argv[1])) if r.get("split") == "test"}
+earlier = [json.loads(l) for l in open(sys.argv[2])]
+offset = (int(sys.argv[5]) - 1) * 10**6
+new = [dict(r, split="train", group=r["group"] + offset) for r in map(json.loads, open(sys.argv[3]))
+       if json.dumps(r["prompt"]) not in held]
+with open(sys.argv[4], "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in earlier + new)
+print(f"{len(earlier)} earlier pairs, {len(new)} new training pairs")
 PY
-$L reward --init "$RUN/sft" --data "$OUT/prefs_both.jsonl" --out "$OUT/reward2" --config configs/reward.yaml
-$L ppo --init "$RUN/sft" --reward "$OUT/reward2" --prompts "$RUN/world/prompts.jsonl" --eval "$RUN/world/eval.jsonl" \
-    --out "$OUT/ppo2" --config configs/ppo.yaml
+$L reward --init "$RUN/sft" --data "$OUT/prefs_all.jsonl" --out "$OUT/reward" --config configs/reward.yaml
+$L ppo --init "$RUN/sft" --reward "$OUT/reward" --prompts "$RUN/world/prompts.jsonl" --eval "$RUN/world/eval.jsonl" \
+    --out "$OUT/ppo" --config configs/ppo.yaml "$@"
