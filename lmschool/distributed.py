@@ -118,11 +118,11 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole weights of a sharded model, on rank 0's CPU ({} on the other ranks). Every rank
-    must call it (the shards are all-gathered)."""
+def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The whole weights of a sharded model, on rank 0's CPU ({} on the other ranks), or with
+    `everywhere` on every rank's device. Every rank must call it (the shards are all-gathered)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    return get_model_state_dict(model, options=_options(cpu_offload=True))
+    return get_model_state_dict(model, options=_options(cpu_offload=not everywhere))
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -147,6 +147,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each rank's figures summed over the ranks, e.g. its share of a global mean -> the mean. Every
+    rank must call it with the same keys. One process: the figures as they are."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(values)
+    keys = sorted(values)
+    totals = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, totals.tolist()))
 
 
 def barrier() -> None:

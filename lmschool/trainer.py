@@ -196,15 +196,16 @@ class Trainer:
 
     def add_model(self, name: str, model: torch.nn.Module, lr: Callable[[int], float]) -> Group:
         """Train `model` too, with its own AdamW (cfg's weight decay and betas) and learning rate;
-        its weights and optimizer go into the checkpoints' trainer_state.pt as NAME, NAME_optimizer."""
-        if self.sharded:
-            raise UserError("parallel=fsdp trains one model per stage; this stage trains a second one "
-                            f"({name}): use parallel=ddp")
+        its weights and optimizer go into the checkpoints' trainer_state.pt as NAME, NAME_optimizer.
+        Under parallel=fsdp it is sharded as the stage's model is (its forwards must run on every rank)."""
         if self.cfg.gradient_checkpointing:
             set_gradient_checkpointing(model, True)
+        model = model.to(self.device)
+        if self.sharded:
+            distributed.shard(model, self.dist)
         optimizer = build_optimizer(model, lr=lr(self.step), weight_decay=self.cfg.weight_decay,
                                     betas=(self.cfg.beta1, self.cfg.beta2))
-        self.groups.append(Group(name, model.to(self.device), optimizer, lr))
+        self.groups.append(Group(name, model, optimizer, lr))
         return self.groups[-1]
 
     # ---- the pieces of a step ----------------------------------------------------------------
@@ -280,10 +281,8 @@ class Trainer:
         norms = self.optimizer_step(self.groups, loss_total)
         self.step += 1
         # each rank holds its share of the global mean: the sum over ranks is the global mean
-        keys = sorted(sums)
-        totals = distributed.all_reduce_sum(torch.tensor([loss_total] + [sums[k] for k in keys],
-                                                         dtype=torch.float64)).tolist()
-        return {"loss": totals[0], "lr": lr, **norms, **dict(zip(keys, totals[1:]))}
+        totals = distributed.sum_over_ranks({**sums, "loss": loss_total})
+        return {"loss": totals.pop("loss"), "lr": lr, **norms, **totals}
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -293,6 +292,10 @@ class Trainer:
         state = {"step": self.step, "optimizer": optimizer, "rng": rng_state(),
                  "tokens_seen": self.tokens_seen}
         for g in self.groups[1:]:   # a model with adapters: its trained tensors only (the base is on disk)
+            if self.sharded:   # whole, gathered from the shards (on rank 0)
+                state[g.name] = distributed.full_state_dict(g.model)
+                state[f"{g.name}_optimizer"] = distributed.full_optimizer_state(g.model, g.optimizer)
+                continue
             state[g.name] = (adapters.trainable_state_dict(g.model) if adapters.has_adapters(g.model) else
                              {k: v.detach().cpu() for k, v in g.model.state_dict().items()})
             state[f"{g.name}_optimizer"] = g.optimizer.state_dict()
@@ -310,6 +313,10 @@ class Trainer:
             if g.name not in state:
                 raise UserError(f"--resume: the checkpoint has no {g.name} (the run was started without "
                                 "one); resume with the settings it started with, or use --force")
+            if self.sharded:   # each rank keeps its shard of the whole tensors
+                distributed.load_full_state_dict(g.model, state[g.name])
+                distributed.load_full_optimizer_state(g.model, g.optimizer, state[f"{g.name}_optimizer"])
+                continue
             if adapters.has_adapters(g.model):
                 missing = sorted(set(adapters.trainable_state_dict(g.model)) - set(state[g.name]))
                 if missing:
@@ -324,17 +331,25 @@ class Trainer:
         set_rng_state(state["rng"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
 
-    def whole_model(self) -> torch.nn.Module | None:
+    def whole_model(self, everywhere: bool = False) -> torch.nn.Module | None:
         """The model to save or evaluate alone on rank 0: itself, or under parallel=fsdp a plain copy
-        with the gathered weights on rank 0 (None on the other ranks; every rank must call it)."""
+        with the gathered weights on rank 0 (None on the other ranks; every rank must call it).
+        everywhere: a copy on every rank (PPO samples its rollouts from one)."""
         if not self.sharded:
             return self.model
-        tensors = distributed.full_state_dict(self.model)
-        if not self.dist.is_main:
+        tensors = distributed.full_state_dict(self.model, everywhere=everywhere)
+        if not (self.dist.is_main or everywhere):
             return None
         plain = Transformer(self.model.config, self.model.head)
         plain.load_state_dict(tensors)
         return plain.to(self.device)
+
+    def gather(self) -> None:
+        """After training under parallel=fsdp: the model becomes the whole model on rank 0 (None on
+        the others), for the stage's final evaluation, summary and save_final, which rank 0 runs alone."""
+        if self.sharded:
+            self.model = self.whole_model()
+            self.sharded = False
 
     def save_checkpoint(self) -> Path | None:
         path = None
@@ -473,9 +488,7 @@ def fit(model, data: DataSource, loss_fn: LossFn, cfg: TrainConfig, run_dir: str
     if resume:
         trainer.resume()
     final = trainer.fit(data, evaluate)
-    if trainer.sharded:   # the stage's summary and final evaluation run on rank 0 alone: a whole model
-        trainer.model = trainer.whole_model()
-        trainer.sharded = False
+    trainer.gather()   # the stage's summary and final evaluation run on rank 0 alone: a whole model
     trainer.save_final()
     distributed.barrier()
     return trainer, final

@@ -169,6 +169,9 @@ distributed.shutdown()
 SCORER = '''
 def lowercase_share(prompts, responses):
     return [sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses]
+
+def constant(prompts, responses):
+    return [1.0 for r in responses]
 '''
 
 
@@ -265,3 +268,108 @@ def test_ppo_ranks_keep_the_same_weights(ppo_inputs, tmp_path):
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
     start = load_file(str(ppo_inputs / "sft" / "model.safetensors"))
     assert any(not torch.equal(start[k], a["model"][k]) for k in start)   # the run trained
+
+
+def untimed_metrics(run: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if not k.endswith(("seconds", "per_s"))} for m in lines]
+
+
+def close_metrics(a: list[dict], b: list[dict], tol=1e-4) -> None:
+    """The same figures within tol; a clip fraction (a share of tokens whose ratio or value lies past
+    a threshold) within 2 of the minibatch's 128 tokens: a token whose new value sits at the
+    threshold goes either way with the last bit of a sum in another order (DDP all-reduces whole
+    gradients, FSDP reduce-scatters shards)."""
+    assert len(a) == len(b) and [sorted(m) for m in a] == [sorted(m) for m in b]
+    for ma, mb in zip(a, b):
+        for k, v in ma.items():
+            if k.endswith("clipfrac") and tol < 2 / 128:
+                assert abs(mb[k] - v) <= 2 / 128, (ma["step"], k, v, mb[k])
+            elif isinstance(v, float):
+                assert mb[k] == pytest.approx(v, rel=tol, abs=tol), (ma["step"], k, v, mb[k])
+            else:
+                assert mb[k] == v, (ma["step"], k, v, mb[k])
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_ppo_fsdp_equals_ddp(ppo_inputs, tmp_path, advantage):
+    """PPO (policy and critic sharded) and GRPO with parallel=fsdp on 2 processes equal the same runs
+    with parallel=ddp: each rank samples its share from a whole copy of the policy gathered for the
+    rollout, from its own random stream, so both runs draw the same responses and take the same
+    steps (every metric, the responses, the final weights). PPO's fsdp run stopped at its step-2
+    checkpoint and resumed equals the uninterrupted one (the critic and both AdamW states come back
+    whole from the checkpoint)."""
+    extra = ["advantage=" + advantage] + (["group_size=4", "batch_size=2", "minibatch_size=4"] if advantage == "grpo"
+                                         else ["batch_size=8", "minibatch_size=4"])
+    env = child_env(PYTHONPATH=os.pathsep.join([str(ppo_inputs), *sys.path]))
+
+    def ppo(out, *more):
+        torchrun(2, "-m", "lmschool", "ppo", "--init", ppo_inputs / "sft", "--scorer", "toy_scorer:lowercase_share",
+                 "--prompts", ppo_inputs / "prompts.jsonl", "--out", out, *PPO_ARGS, *extra, *more, env=env)
+
+    extra += ["lr=3e-3", "critic_lr=3e-3"]
+    ppo(tmp_path / "ddp", "save_every=0", "parallel=ddp")
+    ppo(tmp_path / "fsdp", "save_every=0", "parallel=fsdp")
+    ddp, fsdp = untimed_metrics(tmp_path / "ddp"), untimed_metrics(tmp_path / "fsdp")
+    assert len(ddp) == 4 and all("reward" in m and "grad_norm" in m for m in ddp)
+    # the update's figures are the minibatch's means over both ranks, not one rank's share of them
+    assert all(abs(m["ratio"] - 1) < 0.1 for m in ddp + fsdp), [m["ratio"] for m in ddp + fsdp]
+    if advantage == "gae":
+        assert all("critic_grad_norm" in m for m in fsdp)
+    # within 1e-3: at this lr the policy moves far in 4 iterations (ratios down to 0.5), and by step 4
+    # the two ways of summing differ by up to 4e-4 in a gradient norm; grad_norm and critic_grad_norm
+    # are compared because AdamW's steps would hide a wrongly scaled gradient
+    close_metrics(ddp, fsdp, tol=1e-3)
+    # 16 AdamW steps at lr 3e-2 move weights by up to 0.3; the two ways of summing leave 4e-5
+    same_run(tmp_path / "ddp", tmp_path / "fsdp", atol=1e-4)
+    if advantage == "grpo":
+        return
+    part = tmp_path / "part"
+    ppo(part, "save_every=2", "parallel=fsdp")
+    import shutil
+    shutil.rmtree(part / "model")
+    (part / "summary.json").unlink()
+    ppo(part, "save_every=2", "parallel=fsdp", "--resume")
+    close_metrics(fsdp, untimed_metrics(part), tol=1e-6)
+    same_run(tmp_path / "fsdp", part, atol=1e-6)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ppo_ptx_two_processes_equal_one(ppo_inputs, tmp_path, parallel):
+    """PPO-ptx on 2 processes (each its ptx_windows of the step's global text windows) equals one
+    process with twice the windows, where the reward is constant (GRPO advantages are 0 and beta is
+    0, so the next-token loss on the --ptx text is the policy's only gradient): the same ptx_loss
+    and grad_norm every iteration and the same weights, whatever each rank sampled."""
+    text = tmp_path / "ptx.txt"
+    text.write_text("".join(f"Line {i}: the pupils read and write and count to {i * 7}.\n" for i in range(300)))
+    env = child_env(PYTHONPATH=os.pathsep.join([str(ppo_inputs), *sys.path]))
+    args = ["ppo", "--init", ppo_inputs / "sft", "--scorer", "toy_scorer:constant", "--prompts",
+            ppo_inputs / "prompts.jsonl", "--ptx", text, *PPO_ARGS, "advantage=grpo", "group_size=2", "batch_size=2",
+            "minibatch_size=4", "ppo_epochs=1", "grad_accum=1", "kl_coef=0", "kl_target=null", "ptx_coef=0.5",
+            "max_steps=3", "save_every=0"]
+    run_checked([sys.executable, "-m", "lmschool", *map(str, args), "--out", str(tmp_path / "one"),
+                 "ptx_windows=4"], env=env)
+    torchrun(2, "-m", "lmschool", *args, "--out", tmp_path / "two", "ptx_windows=2", f"parallel={parallel}", env=env)
+    one, two = untimed_metrics(tmp_path / "one"), untimed_metrics(tmp_path / "two")
+    for key in ("ptx_loss", "grad_norm"):
+        assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-5), key
+    assert all(m["ptx_loss"] > 1 for m in one)
+    same_run(tmp_path / "one", tmp_path / "two", atol=1e-5)
+
+
+def test_reward_fsdp_two_processes_equal_one(ppo_inputs, tmp_path):
+    """The reward stage under parallel=fsdp on 2 processes equals one process accumulating the same
+    two micro-batches of 2 pairs (grad_accum 2): the same losses, held-out accuracy and weights."""
+    from test_stages_reward import separable
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in separable()))
+    args = ["reward", "--init", ppo_inputs / "sft", "--data", data, "lr=3e-3", "warmup_steps=2", "epochs=2",
+            "save_every=0", "log_every=1", "threads=1", "precision=fp32", "device=cpu", "eval_batch_size=8",
+            "eval_every=3"]
+    run_checked([sys.executable, "-m", "lmschool", *map(str, args), "--out", str(tmp_path / "one"), "batch_size=2",
+                 "grad_accum=2"])
+    torchrun(2, "-m", "lmschool", *args, "--out", tmp_path / "two", "batch_size=2", "parallel=fsdp")
+    assert len(losses(tmp_path / "one")) == 12
+    same_run(tmp_path / "one", tmp_path / "two")
+    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    assert two["accuracy_rater"] == one["accuracy_rater"] and two["reward_bias"] == pytest.approx(one["reward_bias"])

@@ -54,7 +54,11 @@ rank 0 draws as one process would) and updates on its own rollouts in minibatche
 minibatch_size/N rows, with the policy's and the critic's gradients averaged by DDP; the
 whitening statistics, the adaptive beta's KL and the logged figures are all-reduced over the
 ranks, so every rank steps the same weights with the same beta. batch_size and minibatch_size
-must be multiples of N. FSDP is refused: each rank samples a different number of forward passes.
+must be multiples of N. With parallel=fsdp the policy and the critic are sharded (FSDP2, as in every
+stage) and each rank samples from a whole copy of the policy gathered for the rollout (the ranks decode
+for different numbers of steps, which a sharded model's per-block gathers could not follow) and reads
+its old log-probs from it; the reference and a reward model stay whole on every rank (no gradients:
+a quarter of a trained model's memory), as the end-of-run evaluation on rank 0 needs them.
 
 This module is long because one algorithm needs all of it (about 700 lines): PPOConfig's 45
 documented fields are 130 lines of declarations, one iteration with its minibatch loss 235, the
@@ -177,7 +181,7 @@ class PPOConfig(TrainConfig):
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the next-token loss on --ptx text per minibatch (InstructGPT's gamma)."""
     ptx_windows: int = 4
-    """PPO-ptx: windows of context-length text per minibatch."""
+    """PPO-ptx: windows of context-length text per minibatch (on each process under torchrun)."""
     eval_max_new_tokens: int = 128
     """Longest greedy answer to each --eval prompt (keep SFT's for a fair win rate)."""
     eval_batch_size: int = 32
@@ -278,11 +282,13 @@ class PPO:
         self.cfg, self.trainer, self.policy = cfg, trainer, trainer.model
         # under torchrun the losses' forwards go through DDP (gradients averaged over the ranks);
         # sampling and the no-gradient passes use the plain modules. One process: the same modules.
+        # under parallel=fsdp policy and critic are sharded (the trainer shards both): every forward
+        # runs on every rank, and FSDP reduce-scatters the gradients itself
         self.dist = trainer.dist
         self.train_policy = trainer.train_model   # PPO-ptx's next-token loss
-        self.train_logprobs = (distributed.wrap(ResponseLogprobs(self.policy), self.dist)
-                               if self.dist.enabled else None)
-        self.train_critic = distributed.wrap(critic, self.dist) if critic is not None else None
+        ddp = self.dist.enabled and not trainer.sharded
+        self.train_logprobs = distributed.wrap(ResponseLogprobs(self.policy), self.dist) if ddp else None
+        self.train_critic = distributed.wrap(critic, self.dist) if ddp and critic is not None else critic
         self.reference, self.reward, self.critic = reference, reward, critic
         self.tokenizer, self.prompts, self.prompt_ids = tokenizer, prompts, prompt_ids
         self.teacher, self.ptx, self.eval_rows = teacher, ptx, eval_rows
@@ -342,8 +348,11 @@ class PPO:
         # 1. rollout: each prompt group_size times, in contiguous groups (this process's share)
         index = [i for i in self.my_prompts(step) for _ in range(cfg.group_size)]
         t0 = time.time()
+        # under parallel=fsdp each rank samples from a whole copy of the policy (the ranks decode
+        # for different numbers of steps, which a sharded model's gathers could not follow)
+        sampler = self.trainer.whole_model(everywhere=True)
         with autocast(self.device, self.precision):   # each rank its own draws (rank 0: one process's)
-            gen = generate(self.policy, [self.prompt_ids[i] for i in index], cfg.max_new_tokens,
+            gen = generate(sampler, [self.prompt_ids[i] for i in index], cfg.max_new_tokens,
                            temperature=cfg.temperature, stop_ids=tok.stop_ids, pad_id=self.pad_id,
                            seed=cfg.seed * 1_000_003 + step + 7_919 * self.dist.rank, return_logprobs=True)
         rollout_s = time.time() - t0
@@ -360,7 +369,8 @@ class PPO:
         # 2.-4. scores, log-probs, values, advantages: into the record
         t1 = time.time()
         raw_scores, non_score = self.prepare(rollout, ended, prompts, texts,
-                                             row_fields([self.prompts[i] for i in index]))
+                                             row_fields([self.prompts[i] for i in index]), sampler)
+        del sampler
         prepare_s = time.time() - t1
 
         # 5. updates (with single_step, they fill in the old log-probs and entropy)
@@ -401,16 +411,18 @@ class PPO:
         metrics = self.over_ranks(metrics)
         metrics["sample"] = {"prompt": prompts[0][-1]["content"], "response": texts[0],
                              "reward": raw_scores[0].item()}
-        if self.dist.is_main and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
             metrics.update(self.periodic_eval())
         return metrics
 
     def prepare(self, rollout: Rollout, ended: torch.Tensor, prompts: list, texts: list[str],
-                fields: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                fields: dict | None = None, policy: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 2.-4. of an iteration, no gradient: fill in the rollout's scores, log-probs
         (policy, unless single_step, and reference), values, advantages and returns. Returns the
         raw scores (N,) and the non-score (KL) reward (N, R), for the metrics. fields: the prompts'
-        other columns, per rollout, for a --scorer (judges.row_fields)."""
+        other columns, per rollout, for a --scorer (judges.row_fields); policy: the policy's
+        weights to read (the sampler's whole copy under parallel=fsdp; else the policy)."""
+        policy = policy if policy is not None else self.policy
         cfg, chunk, mask = self.cfg, self.cfg.minibatch_size, rollout.mask
         with torch.no_grad(), autocast(self.device, self.precision):
             raw_scores = self.reward.rollout_scores(prompts, texts, rollout.input_ids, rollout.last_index,
@@ -418,7 +430,7 @@ class PPO:
             T = cfg.temperature
             if not cfg.single_step:   # else the update's forward fills them in
                 rollout.old_logprobs, rollout.entropy = in_chunks(
-                    lambda b: response_logprobs(self.policy, b, T), rollout, chunk)        # (N, R) each
+                    lambda b: response_logprobs(policy, b, T), rollout, chunk)        # (N, R) each
             rollout.ref_logprobs, = in_chunks(lambda b: response_logprobs(self.reference, b, T)[0],
                                               rollout, chunk)                             # (N, R)
             if self.critic is not None:
@@ -495,12 +507,15 @@ class PPO:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             tokens += int(sub.last_index.sum().item()) + sub.size
-        if self.ptx is not None and train_policy:        # PPO-ptx: gamma * next-token loss on text
-            batch = to_device(self.ptx.micro_batches(ptx_step, 1, 0, 1)[0], self.device)
-            loss, metrics = trainer.backward(self.ptx_loss, batch, 1.0)
+        if self.ptx is not None and train_policy:   # PPO-ptx: gamma * next-token loss on this rank's text windows
+            batch = to_device(self.ptx.micro_batches(ptx_step, 1, self.dist.rank, self.dist.world_size)[0],
+                              self.device)
+            loss, metrics = trainer.backward(self.ptx_loss, batch, 1.0 / self.dist.world_size)
             loss_total += loss
             sums.update(metrics)
             tokens += batch["input_ids"].numel()
+        # each rank's figures are its share of the minibatch's means: summed, every rank has the means
+        sums = distributed.sum_over_ranks(sums)
         sums.update(trainer.optimizer_step(trainer.groups if train_policy else trainer.groups[1:], loss_total))
         sums["_tokens"] = tokens
         return sums
@@ -539,12 +554,16 @@ class PPO:
         return self.cfg.ptx_coef * loss, {"ptx_loss": loss.item()}
 
     def periodic_eval(self) -> dict:
-        """Greedy answers to the --eval prompts judged by the teacher, mid-run (eval_every)."""
+        """Greedy answers to the --eval prompts judged by the teacher, mid-run (eval_every), on rank 0
+        (every rank calls it: under parallel=fsdp the whole policy is gathered onto rank 0)."""
         from lmschool.evaluate import evaluate_generations
         if not self.eval_rows or self.teacher is None:
             return {}
+        policy = self.trainer.whole_model()
+        if not self.dist.is_main:
+            return {}
         with autocast(self.device, self.precision):
-            summary, _ = evaluate_generations(self.policy, self.tokenizer, self.eval_rows, self.teacher,
+            summary, _ = evaluate_generations(policy, self.tokenizer, self.eval_rows, self.teacher,
                                               max_new_tokens=self.cfg.eval_max_new_tokens,
                                               batch_size=self.cfg.eval_batch_size, seed=self.cfg.seed)
         return {"eval_teacher_score": summary.get("teacher_score")}
@@ -561,10 +580,6 @@ def _fingerprint(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = load_stage_config(PPOConfig, args)
     timer = Timer()
-    if cfg.parallel == "fsdp":   # each rank samples its own lengths: FSDP's gathers would not line up
-        raise UserError("ppo: parallel=fsdp is not supported (sampling runs a different number of forward "
-                        "passes on each rank); use parallel=ddp under torchrun")
-
     # --- everything is checked before --out is touched ---
     init, tokenizer = open_init(args.init)
     context = context_length(init) or 0
@@ -645,6 +660,8 @@ def run(args: argparse.Namespace) -> int:
     if resuming:
         trainer.resume()
     trainer.fit(step=loop.iteration)
+    trainer.gather()   # under parallel=fsdp: the whole policy on rank 0, which evaluates it alone
+    loop.policy = trainer.model
     trainer.save_final()
 
     if dist.is_main:   # the end-of-run evaluation: rank 0 alone
