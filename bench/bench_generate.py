@@ -65,7 +65,8 @@ NOTES = """Notes (from the runs that made this file):
   plus the KV cache from memory each step; packing the weights once (`PackedLinears`, q/k/v and
   gate/up fused) removes the per-call re-packing. `compile_for_generation` (inductor freezing)
   also fuses the elementwise ops; it needs weights that no longer change.
-- This CPU has AVX512-BF16 but no AMX, so bf16 halves the bytes moved but not the per-op costs.
+- On a CPU with AVX512-BF16 but no AMX, bf16 halves the bytes moved but not the per-op costs; with
+  AVX2 only (no bf16 arithmetic) the bf16 rows are left out (they run 5-8x slower).
 """
 
 
