@@ -192,6 +192,8 @@ class WithoutAdapters(nn.Module):
     and `hidden` run with the adapters off and in eval mode (as a loaded reference is); everything
     else (lm_head, config, new_cache ...) is the model's own. No weights are copied."""
 
+    adapters_active = False   # what generation's packed weights read: pack the base weights alone
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.inner = model

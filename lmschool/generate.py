@@ -191,7 +191,12 @@ class PackedLinears:
     input tensor and hands the other members their slice of the output when they are called
     with that same tensor (as `Attention` and `MLP` do); called with another input, a member
     computes afresh. Under bf16 autocast the packed weights are bf16 and inputs are cast to
-    bf16, as autocast would. `PackedLinears.maybe(...)` returns None where packing does not apply
+    bf16, as autocast would. A linear with LoRA adapters (adapters.LoRALinear) is packed with its
+    adapter folded in, W + (alpha / r) B A, as `lmschool merge` folds it (the same outputs up to
+    float rounding, and one matmul instead of three); through a `WithoutAdapters` view
+    (`adapters_active` False: DPO's and PPO's reference) the base weight alone. A LoRA linear
+    whose adapters are switched on or off after packing computes as it is, unpacked.
+    `PackedLinears.maybe(...)` returns None where packing does not apply
     (not CPU, no oneDNN, other dtypes) or where the op fails its one-off check against `F.linear`.
     Not thread-safe: another thread using the same model during `generate` would see the packed
     forwards.
@@ -199,22 +204,37 @@ class PackedLinears:
 
     def __init__(self, model: nn.Module, batch: int, dtype: torch.dtype):
         self.dtype, self.batch = dtype, batch
+        self.with_adapters = getattr(model, "adapters_active", True)   # False through WithoutAdapters
         self.forwards: list[tuple[nn.Linear, object]] = []
         self.memos: list[list] = []
+        # the adapters' own A and B layers are folded into their LoRA linear, never packed alone
+        inner = {id(c) for m in model.modules() if _is_lora(m) for c in m.modules() if c is not m}
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inner
+                   and (type(m) is nn.Linear or _is_lora(m))]
+        kinds = {id(m) for m in linears}
         grouped: set[int] = set()
         for parent in model.modules():
             for names in FUSED_LINEARS:
                 members = [getattr(parent, name, None) for name in names]
-                if all(type(m) is nn.Linear for m in members) and len({m.in_features for m in members}) == 1:
+                if all(id(m) in kinds for m in members) and len({m.in_features for m in members}) == 1:
                     self._add(members)
                     grouped.update(id(m) for m in members)
-        for module in model.modules():
-            if type(module) is nn.Linear and id(module) not in grouped:
+        for module in linears:
+            if id(module) not in grouped:
                 self._add([module])
+
+    def _weight(self, m: nn.Linear) -> tuple[torch.Tensor, bool | None]:
+        """The weight to pack for `m`, and for a LoRA linear whether its adapter is folded in."""
+        if not _is_lora(m):
+            return m.weight.detach(), None
+        folded = bool(self.with_adapters and m.active)
+        return ((m.weight.detach().float() + m.delta_weight()).to(m.weight.dtype) if folded
+                else m.weight.detach()), folded
 
     def _add(self, modules: list[nn.Linear]) -> None:
         dtype = self.dtype
-        weight = torch.cat([m.weight.detach() for m in modules]).to(dtype)           # (sum O, C)
+        weights, folded = zip(*(self._weight(m) for m in modules))
+        weight = torch.cat(weights).to(dtype)                                        # (sum O, C)
         bias = None
         if any(m.bias is not None for m in modules):
             bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
@@ -225,7 +245,11 @@ class PackedLinears:
         self.memos.append(memo)
 
         def member(i: int):
+            module, packed_on = modules[i], folded[i]
+
             def forward(x: torch.Tensor) -> torch.Tensor:
+                if packed_on is not None and (self.with_adapters and module.active) != packed_on:
+                    return type(module).forward(module, x)   # adapters switched since packing
                 if memo[0] is not x:
                     y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
                     memo[0], memo[1] = x, (y.split(sizes, -1) if len(sizes) > 1 else (y,))
@@ -258,6 +282,11 @@ class PackedLinears:
         if dtype not in (torch.float32, torch.bfloat16) or not _packing_works(dtype):
             return None
         return cls(model, batch, dtype)
+
+
+def _is_lora(module: nn.Module) -> bool:
+    """An adapters.LoRALinear (known by its interface: generation does not depend on adapters.py)."""
+    return isinstance(module, nn.Linear) and hasattr(module, "delta_weight") and hasattr(module, "active")
 
 
 _PACKING_WORKS: dict[torch.dtype, bool] = {}

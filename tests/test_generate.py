@@ -165,6 +165,43 @@ def test_packed_weights_equal_plain_linears(bias):
     assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                    "up_proj", "down_proj"]])
+def test_packed_weights_fold_lora_adapters(model, targets):
+    """A model with LoRA adapters samples through packed weights with each adapter folded in
+    (q/k/v fused whether all, some or none of them carry adapters): the same tokens and log-probs
+    as its unpacked forward; through WithoutAdapters (a reference) the base model's, packed with
+    the base weights alone; and an adapter switched off after packing computes as it is."""
+    import copy
+
+    from lmschool.adapters import LoraConfig, WithoutAdapters, adapters_disabled, add_lora
+    if PackedLinears.maybe(model, 4) is None:
+        pytest.skip("no oneDNN packed linears on this machine")
+    lora = add_lora(copy.deepcopy(model), LoraConfig(r=4, alpha=8.0, targets=targets), base="base", seed=0)
+    with torch.no_grad():   # B = 0 at init would make the adapters do nothing
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    kw = dict(temperature=0.8, seed=2, return_logprobs=True)
+    packed, plain = generate(lora, PROMPTS, 10, **kw), generate(lora, PROMPTS, 10, pack_weights=False, **kw)
+    base = generate(model, PROMPTS, 10, pack_weights=False, **kw)
+    assert packed.tokens == plain.tokens != base.tokens   # the adapters change what is sampled
+    assert torch.allclose(torch.tensor(sum(packed.logprobs, [])), torch.tensor(sum(plain.logprobs, [])), atol=1e-4)
+    reference = generate(WithoutAdapters(lora), PROMPTS, 10, **kw)
+    assert reference.tokens == base.tokens
+    assert torch.allclose(torch.tensor(sum(reference.logprobs, [])), torch.tensor(sum(base.logprobs, [])), atol=1e-4)
+    x = torch.randn(3, 5, 64)
+    q_proj = lora.model.layers[0].self_attn.q_proj
+    with torch.inference_mode(), PackedLinears(lora, 3, torch.float32):
+        assert "forward" in q_proj.__dict__ and "forward" not in q_proj.lora_A.__dict__   # packed, folded
+        folded = q_proj(x)
+        with adapters_disabled(lora):
+            off = q_proj(x)
+    assert torch.allclose(off, model.model.layers[0].self_attn.q_proj(x), atol=1e-5)
+    assert not torch.allclose(folded, off, atol=1e-3)
+    assert not any("forward" in m.__dict__ for m in lora.modules())
+
+
 @pytest.mark.slow
 def test_compile_for_generation_equals_eager_and_refuses_changed_weights(model):
     import copy
