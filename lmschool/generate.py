@@ -195,15 +195,17 @@ class PackedLinears:
     adapter folded in, W + (alpha / r) B A, as `lmschool merge` folds it (the same outputs up to
     float rounding, and one matmul instead of three); through a `WithoutAdapters` view
     (`adapters_active` False: DPO's and PPO's reference) the base weight alone. A LoRA linear
-    whose adapters are switched on or off after packing computes as it is, unpacked.
+    whose adapters are switched on or off after packing computes as it is, unpacked. For one row
+    (`pack=False`) the weights are not packed, as the plain matrix-vector products are faster there,
+    but a model with adapters still gets them folded in.
     `PackedLinears.maybe(...)` returns None where packing does not apply
     (not CPU, no oneDNN, other dtypes) or where the op fails its one-off check against `F.linear`.
     Not thread-safe: another thread using the same model during `generate` would see the packed
     forwards.
     """
 
-    def __init__(self, model: nn.Module, batch: int, dtype: torch.dtype):
-        self.dtype, self.batch = dtype, batch
+    def __init__(self, model: nn.Module, batch: int, dtype: torch.dtype, pack: bool = True):
+        self.dtype, self.batch, self.pack = dtype, batch, pack
         self.with_adapters = getattr(model, "adapters_active", True)   # False through WithoutAdapters
         self.forwards: list[tuple[nn.Linear, object]] = []
         self.memos: list[list] = []
@@ -239,7 +241,8 @@ class PackedLinears:
         if any(m.bias is not None for m in modules):
             bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
                               for m in modules]).to(dtype)                           # (sum O,)
-        weight = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch)
+        if self.pack:
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch)
         sizes = [m.out_features for m in modules]
         memo: list = [None, None]  # [the last input, its outputs split per member]
         self.memos.append(memo)
@@ -251,7 +254,8 @@ class PackedLinears:
                 if packed_on is not None and (self.with_adapters and module.active) != packed_on:
                     return type(module).forward(module, x)   # adapters switched since packing
                 if memo[0] is not x:
-                    y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
+                    y = (torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "") if self.pack
+                         else F.linear(x.to(dtype), weight, bias))
                     memo[0], memo[1] = x, (y.split(sizes, -1) if len(sizes) > 1 else (y,))
                 return memo[1][i]
             return forward
@@ -274,11 +278,13 @@ class PackedLinears:
         weight = next(model.parameters())
         if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return None
-        if batch < 2:   # one row: the plain matrix-vector products are faster (bench/RESULTS_generate.md)
-            return None
         dtype = weight.dtype
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
+        if batch < 2:   # one row: plain matrix-vector products are faster than packed ones
+            # (bench/RESULTS_generate.md); only LoRA adapters are folded in, one product instead of three
+            lora = any(_is_lora(m) for m in model.modules())
+            return cls(model, batch, dtype, pack=False) if lora and dtype in (torch.float32, torch.bfloat16) else None
         if dtype not in (torch.float32, torch.bfloat16) or not _packing_works(dtype):
             return None
         return cls(model, batch, dtype)

@@ -184,6 +184,9 @@ def test_packed_weights_fold_lora_adapters(model, targets):
                 p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     kw = dict(temperature=0.8, seed=2, return_logprobs=True)
     packed, plain = generate(lora, PROMPTS, 10, **kw), generate(lora, PROMPTS, 10, pack_weights=False, **kw)
+    one = PROMPTS[:1]   # one row: folded but not packed
+    assert PackedLinears.maybe(lora, 1) is not None and PackedLinears.maybe(model, 1) is None
+    assert generate(lora, one, 10, **kw).tokens == generate(lora, one, 10, pack_weights=False, **kw).tokens
     base = generate(model, PROMPTS, 10, pack_weights=False, **kw)
     assert packed.tokens == plain.tokens != base.tokens   # the adapters change what is sampled
     assert torch.allclose(torch.tensor(sum(packed.logprobs, [])), torch.tensor(sum(plain.logprobs, [])), atol=1e-4)
