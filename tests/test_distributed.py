@@ -203,6 +203,20 @@ PPO_ARGS = ["max_new_tokens=8", "temperature=1.0", "lr=3e-2", "critic_lr=1e-2", 
             "kl_target=1", "kl_horizon=50"]
 
 
+def two_process_ppo(ppo_inputs: Path, advantage: str, *settings: str):
+    """`run(out, *more)`: `lmschool ppo` on 2 torchrun processes with the toy scorer, PPO_ARGS,
+    a rollout shape that fits the advantage (GRPO: 2 prompts x 4) and `settings`."""
+    shape = (["group_size=4", "batch_size=2", "minibatch_size=4"] if advantage == "grpo"
+             else ["batch_size=8", "minibatch_size=4"])
+    env = child_env(PYTHONPATH=os.pathsep.join([str(ppo_inputs), *sys.path]))
+
+    def run(out, *more):
+        torchrun(2, "-m", "lmschool", "ppo", "--init", ppo_inputs / "sft", "--scorer", "toy_scorer:lowercase_share",
+                 "--prompts", ppo_inputs / "prompts.jsonl", "--out", out, *PPO_ARGS, f"advantage={advantage}",
+                 *shape, *settings, *more, env=env)
+    return run
+
+
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_ppo_two_processes_resume_equals_uninterrupted(ppo_inputs, tmp_path, advantage):
     """PPO (with its DDP critic) and GRPO on 2 processes, each sampling half of every iteration's
@@ -210,14 +224,7 @@ def test_ppo_two_processes_resume_equals_uninterrupted(ppo_inputs, tmp_path, adv
     metric but timings, the final weights). Not compared with one process: a rank samples its
     share from its own random stream, so the responses (and every figure) differ from one
     process's; the statistics over them are all-reduced (whitening: the test above)."""
-    extra = ["advantage=" + advantage] + (["group_size=4", "batch_size=2", "minibatch_size=4"] if advantage == "grpo"
-                                         else ["batch_size=8", "minibatch_size=4"])
-    env = child_env(PYTHONPATH=os.pathsep.join([str(ppo_inputs), *sys.path]))
-
-    def ppo(out, *more):
-        torchrun(2, "-m", "lmschool", "ppo", "--init", ppo_inputs / "sft", "--scorer", "toy_scorer:lowercase_share",
-                 "--prompts", ppo_inputs / "prompts.jsonl", "--out", out, *PPO_ARGS, *extra, *more, env=env)
-
+    ppo = two_process_ppo(ppo_inputs, advantage)
     ppo(tmp_path / "full", "save_every=0")
     part = tmp_path / "part"
     ppo(part, "save_every=2")
@@ -299,15 +306,7 @@ def test_ppo_fsdp_equals_ddp(ppo_inputs, tmp_path, advantage):
     steps (every metric, the responses, the final weights). PPO's fsdp run stopped at its step-2
     checkpoint and resumed equals the uninterrupted one (the critic and both AdamW states come back
     whole from the checkpoint)."""
-    extra = ["advantage=" + advantage] + (["group_size=4", "batch_size=2", "minibatch_size=4"] if advantage == "grpo"
-                                         else ["batch_size=8", "minibatch_size=4"])
-    env = child_env(PYTHONPATH=os.pathsep.join([str(ppo_inputs), *sys.path]))
-
-    def ppo(out, *more):
-        torchrun(2, "-m", "lmschool", "ppo", "--init", ppo_inputs / "sft", "--scorer", "toy_scorer:lowercase_share",
-                 "--prompts", ppo_inputs / "prompts.jsonl", "--out", out, *PPO_ARGS, *extra, *more, env=env)
-
-    extra += ["lr=3e-3", "critic_lr=3e-3"]
+    ppo = two_process_ppo(ppo_inputs, advantage, "lr=3e-3", "critic_lr=3e-3")
     ppo(tmp_path / "ddp", "save_every=0", "parallel=ddp")
     ppo(tmp_path / "fsdp", "save_every=0", "parallel=fsdp")
     ddp, fsdp = untimed_metrics(tmp_path / "ddp"), untimed_metrics(tmp_path / "fsdp")
