@@ -1,7 +1,7 @@
 """GRPO iteration time: lmschool (`lmschool ppo`, advantage=grpo) vs TRL's `GRPOTrainer`, side by side, on CPU.
 
     .venv/bin/python bench/bench_grpo.py [--iterations 20] [--warmup 3] [--prompts-per-step 2] [--group 4]
-        [--threads 2] [--rounds 2] [--precisions fp32 bf16] [--json out.json]
+        [--threads 2] [--rounds 2] [--precisions fp32 bf16] [--json out.json] [--lmschool-set KEY=VALUE ...]
 
 One iteration = sample `group` completions for each of `prompts-per-step` prompts (8 per iteration by
 default: 2 x 4), score them, compute the reference log-probs, and take one optimizer step on them (one
@@ -148,7 +148,7 @@ def lmschool_child(a, prompts: Path, order: list[list[int]], tmp: Path) -> dict:
                    "missing_eos_penalty=0.0", f"lr={LR}", "schedule=constant", "warmup_steps=0",
                    "weight_decay=0.0", "beta2=0.95", "grad_clip=1.0", f"max_steps={a.warmup + a.iterations}",
                    f"seed={SEED}", "save_every=0", "log_every=1000000", f"threads={a.threads}",
-                   f"precision={a.precision}", "device=cpu"])
+                   f"precision={a.precision}", "device=cpu", *a.lmschool_set])
     assert rc == 0, rc
     assert seen == order, "lmschool sampled other prompts than the order TRL was given"
     assert torch.get_num_threads() == a.threads, torch.get_num_threads()
@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="iterations before the measured ones")
     ap.add_argument("--prompts-per-step", type=int, default=2)
     ap.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
+    ap.add_argument("--lmschool-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra `lmschool ppo` overrides (e.g. pack_rollouts=false: the update before packing)")
     add_common_arguments(ap)
     ap.add_argument("--order", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -235,7 +237,7 @@ def main() -> None:
                                      "--data", str(data), "--order", str(order_file),
                                      "--iterations", str(a.iterations), "--warmup", str(a.warmup),
                                      "--prompts-per-step", str(a.prompts_per_step), "--group", str(a.group),
-                                     "--threads", str(a.threads)],
+                                     "--threads", str(a.threads), "--lmschool-set", *a.lmschool_set],
             lambda res: (f"{res['s_per_iter']:.2f} s/iteration (generation {res['gen_share']:.0%}), "
                          f"{res['completion_len']:.1f} tokens/completion"))
 

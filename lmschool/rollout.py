@@ -6,7 +6,10 @@ log-probs under the sampling policy and the reference, the critic's values, and 
 and returns computed from them. `rows(idx)` takes a minibatch of it, trimmed to its longest
 sequence. Below it, the forward passes that read a model over the record's response positions:
 `response_logprobs` (with each position's entropy) and `response_values`, and `in_chunks` to run
-them a few rows at a time without gradient.
+them a few rows at a time without gradient. Both read the rows packed (`pack`: several sequences
+laid end to end in one row, each attending only to itself) where that saves a good share of the
+padded positions: answers sampled at T = 1 differ widely in length, and the padding after the
+short ones is otherwise computed like real tokens (about a third of a rollout's positions).
 
 Shapes: N rows, L longest sequence (prompt + response), R longest response. Position t of a
 response-aligned tensor is the t-th generated token of its row; `mask` is 1 on real response
@@ -18,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from lmschool.data.sft import best_fit_decreasing
 
 
 @dataclass
@@ -76,16 +81,78 @@ class Rollout:
                        cut(self.advantages), cut(self.returns))
 
 
+# ---- packing: fewer padded positions --------------------------------------------------------------
+
+PACK_WIDTH = 128       # packed rows are this wide, or as wide as the longest sequence if that is wider
+PACK_SAVING = 0.15     # pack only where it removes at least this share of the positions to compute
+
+
+@dataclass
+class Packed:
+    """A rollout's sequences laid end to end in P rows of width W (best fit, longest first). A
+    sequence's positions count from 0 as in its own row and it attends only to itself
+    (segment_ids), so every position gets the numbers it gets unpacked, up to float rounding."""
+
+    input_ids: torch.Tensor     # (P, W)
+    position_ids: torch.Tensor  # (P, W) 0, 1, ... within each sequence
+    segment_ids: torch.Tensor   # (P, W) the sequence's row in the rollout; -1 on the filler after the last
+    positions: torch.Tensor     # (N, R) where the rollout's `positions` lie in the flattened (P * W)
+
+
+def pack(batch: Rollout, width: int = PACK_WIDTH, min_saving: float = PACK_SAVING) -> Packed | None:
+    """The rows of `batch` packed into rows of max(width, longest sequence) positions, or None
+    where that would compute fewer than `min_saving` of the padded positions less (rows of alike
+    length; a single row). Attention within a packed row costs more than within a short padded
+    one (its mask is not skipped), which is why rows stay narrow: on L4-256, 8 rollouts of 25-105
+    tokens, a training forward and backward took 0.78x the padded time packed in rows of 128, 0.81x
+    in 256, 0.94x in one row of 512 (bench/RESULTS.md, session 11)."""
+    lengths = (batch.last_index + 1).tolist()
+    N, L = len(lengths), batch.input_ids.shape[1]
+    W = max(width, max(lengths))
+    rows = best_fit_decreasing(lengths, W)
+    if len(rows) * W > (1 - min_saving) * N * L:
+        return None
+    ids = batch.input_ids.cpu()
+    input_ids = torch.zeros(len(rows), W, dtype=torch.long)
+    position_ids = torch.zeros(len(rows), W, dtype=torch.long)
+    segment_ids = torch.full((len(rows), W), -1, dtype=torch.long)
+    start = torch.zeros(N, dtype=torch.long)          # where each sequence starts in the flattened rows
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            n = lengths[i]
+            input_ids[r, offset:offset + n] = ids[i, :n]
+            position_ids[r, offset:offset + n] = torch.arange(n)
+            segment_ids[r, offset:offset + n] = i
+            start[i] = r * W + offset
+            offset += n
+    device = batch.input_ids.device
+    last = (batch.last_index.cpu())[:, None]                                             # (N, 1)
+    # a response position past a row's end (its padding) reads the row's last token: masked anyway
+    positions = start[:, None] + torch.minimum(batch.positions.cpu(), last)             # (N, R)
+    return Packed(input_ids.to(device), position_ids.to(device), segment_ids.to(device), positions.to(device))
+
+
 # ---- forward passes over a rollout ------------------------------------------------------------------
 
-def response_logprobs(model, batch: Rollout, temperature: float, entropy_grad: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def response_hidden(model, batch: Rollout, packing: bool = True) -> torch.Tensor:
+    """The model's final hidden states at the positions whose logits predict each response
+    token: (N, R, C), read packed where that saves enough (`pack`)."""
+    packed = pack(batch) if packing else None
+    if packed is None:
+        h = model.hidden(batch.input_ids)                                               # (N, L, C)
+        return h.gather(1, batch.positions[..., None].expand(-1, -1, h.shape[-1]))      # (N, R, C)
+    h = model.hidden(packed.input_ids, packed.position_ids, segment_ids=packed.segment_ids)  # (P, W, C)
+    return h.flatten(0, 1)[packed.positions]                                            # (N, R, C)
+
+
+def response_logprobs(model, batch: Rollout, temperature: float, entropy_grad: bool = False,
+                      packing: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_T(y_t) = log_softmax(logits / T)[y_t] of each response token, as the sampler
     computed it, and the entropy H = -sum_v p_v log p_v of each of those distributions (detached
     unless entropy_grad). Only response positions go through the LM head. Returns
     (logprobs (N, R), entropy (N, R)), float32."""
-    h = model.hidden(batch.input_ids)                                                   # (N, L, C)
-    h = h.gather(1, batch.positions[..., None].expand(-1, -1, h.shape[-1]))            # (N, R, C)
+    h = response_hidden(model, batch, packing)                                          # (N, R, C)
     logits = model.lm_head(h).float() / temperature                                     # (N, R, V)
     logp_all = logits.log_softmax(-1)
     logprobs = logp_all.gather(-1, batch.tokens[..., None]).squeeze(-1)                  # (N, R)
@@ -102,13 +169,18 @@ class ResponseLogprobs(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, batch: Rollout, temperature: float, entropy_grad: bool = False):
-        return response_logprobs(self.policy, batch, temperature, entropy_grad)
+    def forward(self, batch: Rollout, temperature: float, entropy_grad: bool = False, packing: bool = True):
+        return response_logprobs(self.policy, batch, temperature, entropy_grad, packing)
 
 
-def response_values(critic, batch: Rollout) -> torch.Tensor:
-    """The critic's V(s_t) for the state before each response token. Returns (N, R) float32."""
-    return critic(batch.input_ids).float().gather(1, batch.positions)                   # (N, R)
+def response_values(critic, batch: Rollout, packing: bool = True) -> torch.Tensor:
+    """The critic's V(s_t) for the state before each response token, read packed where that
+    saves enough (`pack`). Returns (N, R) float32."""
+    packed = pack(batch) if packing else None
+    if packed is None:
+        return critic(batch.input_ids).float().gather(1, batch.positions)               # (N, R)
+    values = critic(packed.input_ids, packed.position_ids, segment_ids=packed.segment_ids)   # (P, W)
+    return values.float().flatten()[packed.positions]                                   # (N, R)
 
 
 def by_length(lengths: torch.Tensor, chunk: int) -> tuple[list[torch.Tensor], torch.Tensor]:

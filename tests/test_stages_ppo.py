@@ -177,6 +177,47 @@ def test_chunks_of_alike_length_give_the_rows_own_numbers():
     assert torch.allclose(got_values * batch.mask, values * batch.mask, atol=1e-5)
 
 
+def test_pack_lays_sequences_end_to_end():
+    """Sequences of lengths 3, 2, 4 (prompts of 1 token) in rows of width 5, best fit, longest
+    first: row 0 holds the third, row 1 the first then the second; positions count from 0 in each
+    sequence; each response position points into the flattened rows (a padded response slot at
+    its sequence's last token)."""
+    from lmschool.rollout import pack
+    batch = Rollout.build([[7, 8, 9], [4, 5], [1, 2, 3, 6]], [1, 1, 1], pad_id=0, device="cpu")
+    packed = pack(batch, width=5)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 6, 0], [7, 8, 9, 4, 5]]
+    assert packed.segment_ids.tolist() == [[2, 2, 2, 2, -1], [0, 0, 0, 1, 1]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert packed.positions.tolist() == [[5, 6, 7], [8, 9, 9], [0, 1, 2]]
+    # rows 6 wide: 2 rows of 6 are no fewer positions than 3 padded rows of 4, so it stays padded
+    assert pack(batch, width=6) is None
+
+
+def test_packed_rollouts_give_the_rows_own_numbers():
+    """Reading a rollout packed (one sequence of 40 tokens and eleven of 3-10, in one row of 128)
+    gives each response token the log-prob, entropy, value and gradient the right-padded rows give it."""
+    from lmschool.rollout import pack, response_values
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=64)
+    policy, critic = build_model(cfg, seed=1), build_model(cfg, head="score", seed=2)
+    lengths = [40, 3, 7, 3, 5, 9, 10, 4, 6, 8, 3, 5]
+    batch = Rollout.build([torch.randint(2, 32, (n,)).tolist() for n in lengths], [2] * 12, pad_id=0, device="cpu")
+    assert pack(batch) is not None and pack(batch).input_ids.shape == (1, 128)
+    results = []
+    for packing in (False, True):
+        policy.zero_grad()
+        logprobs, entropy = response_logprobs(policy, batch, 0.8, entropy_grad=True, packing=packing)
+        ((logprobs + entropy) * batch.mask).sum().backward()
+        grads = [p.grad.clone() for p in policy.parameters()]
+        values = response_values(critic, batch, packing)
+        results.append((logprobs * batch.mask, entropy * batch.mask, values * batch.mask, grads))
+    (lp0, h0, v0, g0), (lp1, h1, v1, g1) = results
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(h0, h1, atol=1e-5)
+    assert torch.allclose(v0, v1, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1))
+
+
 # ---- learning -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo"])

@@ -194,6 +194,10 @@ class PPOConfig(TrainConfig):
     and nothing before the update needs the policy's log-probs (no critic, KL in the loss or off),
     take the old log-probs from the training forward (detached: the ratio is 1, the gradient the
     same) instead of a separate no-grad pass over the rollout, as TRL's GRPOTrainer does."""
+    pack_rollouts: bool = True
+    """Read rollouts packed (several sequences end to end in one row, each attending only to itself)
+    where that computes at least 15% fewer positions than right-padded rows (rollout.pack); false:
+    always padded. The same numbers up to float rounding."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -423,18 +427,18 @@ class PPO:
         other columns, per rollout, for a --scorer (judges.row_fields); policy: the policy's
         weights to read (the sampler's whole copy under parallel=fsdp; else the policy)."""
         policy = policy if policy is not None else self.policy
-        cfg, chunk, mask = self.cfg, self.cfg.minibatch_size, rollout.mask
+        cfg, chunk, mask, pack = self.cfg, self.cfg.minibatch_size, rollout.mask, self.cfg.pack_rollouts
         with torch.no_grad(), autocast(self.device, self.precision):
             raw_scores = self.reward.rollout_scores(prompts, texts, rollout.input_ids, rollout.last_index,
                                                     chunk, **(fields or {})).float()     # (N,)
             T = cfg.temperature
             if not cfg.single_step:   # else the update's forward fills them in
                 rollout.old_logprobs, rollout.entropy = in_chunks(
-                    lambda b: response_logprobs(policy, b, T), rollout, chunk)        # (N, R) each
-            rollout.ref_logprobs, = in_chunks(lambda b: response_logprobs(self.reference, b, T)[0],
+                    lambda b: response_logprobs(policy, b, T, packing=pack), rollout, chunk)   # (N, R) each
+            rollout.ref_logprobs, = in_chunks(lambda b: response_logprobs(self.reference, b, T, packing=pack)[0],
                                               rollout, chunk)                             # (N, R)
             if self.critic is not None:
-                rollout.values, = in_chunks(lambda b: response_values(self.critic, b), rollout, chunk)
+                rollout.values, = in_chunks(lambda b: response_values(self.critic, b, pack), rollout, chunk)
 
         scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()
         if cfg.whiten_scores:
@@ -528,10 +532,11 @@ class PPO:
         metrics: dict[str, float] = {}
         if train_policy:
             if self.train_logprobs is not None:   # under torchrun: through DDP
-                logprobs, entropy = self.train_logprobs(sub, cfg.temperature, entropy_grad=cfg.entropy_coef > 0)
+                logprobs, entropy = self.train_logprobs(sub, cfg.temperature, entropy_grad=cfg.entropy_coef > 0,
+                                                        packing=cfg.pack_rollouts)
             else:
                 logprobs, entropy = response_logprobs(self.policy, sub, cfg.temperature,
-                                                      entropy_grad=cfg.entropy_coef > 0)
+                                                      entropy_grad=cfg.entropy_coef > 0, packing=cfg.pack_rollouts)
             if cfg.single_step:   # the one step of this rollout: pi_old = this forward, detached
                 sub.old_logprobs, sub.entropy = logprobs.detach(), entropy.detach()
             pg_loss, pm = policy_loss(logprobs, sub.old_logprobs, sub.advantages, sub.mask, cfg.clip_eps)
@@ -543,7 +548,7 @@ class PPO:
                 loss = loss + kl_coef * kl
                 metrics["kl_loss"] = kl.item()
         if self.critic is not None:
-            v = response_values(self.train_critic, sub)
+            v = response_values(self.train_critic, sub, cfg.pack_rollouts)
             vf_loss, vm = value_loss(v, sub.values, sub.returns, sub.mask, cfg.vf_clip)
             loss = loss + cfg.vf_coef * vf_loss
             metrics.update(vf_loss=vf_loss.item(), **vm)
