@@ -127,7 +127,7 @@ def pack(batch: Rollout, width: int = PACK_WIDTH, min_saving: float = PACK_SAVIN
             start[i] = r * W + offset
             offset += n
     device = batch.input_ids.device
-    last = (batch.last_index.cpu())[:, None]                                             # (N, 1)
+    last = batch.last_index.cpu()[:, None]                                               # (N, 1)
     # a response position past a row's end (its padding) reads the row's last token: masked anyway
     positions = start[:, None] + torch.minimum(batch.positions.cpu(), last)             # (N, R)
     return Packed(input_ids.to(device), position_ids.to(device), segment_ids.to(device), positions.to(device))

@@ -427,18 +427,18 @@ class PPO:
         other columns, per rollout, for a --scorer (judges.row_fields); policy: the policy's
         weights to read (the sampler's whole copy under parallel=fsdp; else the policy)."""
         policy = policy if policy is not None else self.policy
-        cfg, chunk, mask, pack = self.cfg, self.cfg.minibatch_size, rollout.mask, self.cfg.pack_rollouts
+        cfg, chunk, mask, packing = self.cfg, self.cfg.minibatch_size, rollout.mask, self.cfg.pack_rollouts
         with torch.no_grad(), autocast(self.device, self.precision):
             raw_scores = self.reward.rollout_scores(prompts, texts, rollout.input_ids, rollout.last_index,
                                                     chunk, **(fields or {})).float()     # (N,)
             T = cfg.temperature
             if not cfg.single_step:   # else the update's forward fills them in
                 rollout.old_logprobs, rollout.entropy = in_chunks(
-                    lambda b: response_logprobs(policy, b, T, packing=pack), rollout, chunk)   # (N, R) each
-            rollout.ref_logprobs, = in_chunks(lambda b: response_logprobs(self.reference, b, T, packing=pack)[0],
+                    lambda b: response_logprobs(policy, b, T, packing=packing), rollout, chunk)   # (N, R) each
+            rollout.ref_logprobs, = in_chunks(lambda b: response_logprobs(self.reference, b, T, packing=packing)[0],
                                               rollout, chunk)                             # (N, R)
             if self.critic is not None:
-                rollout.values, = in_chunks(lambda b: response_values(self.critic, b, pack), rollout, chunk)
+                rollout.values, = in_chunks(lambda b: response_values(self.critic, b, packing), rollout, chunk)
 
         scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()
         if cfg.whiten_scores:
