@@ -1,7 +1,7 @@
 """DPO step throughput: lmschool (`lmschool dpo`) vs TRL's `DPOTrainer`, side by side in one run, on CPU.
 
     .venv/bin/python bench/bench_dpo.py [--steps 20] [--warmup 3] [--batch 8] [--threads 2] [--rounds 2]
-        [--precisions fp32 bf16] [--json out.json]
+        [--precisions fp32 bf16] [--json out.json] [--lmschool-set KEY=VALUE ...]
 
 Same model on both sides: the SFT checkpoint runs/demo2/sft/model (LlamaForCausalLM, vocab 2286,
 hidden 256, 4 layers) with its tokenizer and ChatML template. Same data: the first
@@ -75,7 +75,8 @@ def lmschool_child(a, data: Path, tmp: Path) -> dict:
     rc = cli.main(["dpo", "--init", str(MODEL), "--data", str(data), "--out", str(out),
                    "loss=dpo", f"beta={BETA}", f"lr={LR}", f"max_steps={a.warmup + a.steps}",
                    f"batch_size={a.batch}", f"eval_batch_size={a.batch}", f"threads={a.threads}",
-                   f"precision={a.precision}", f"max_len={MAX_LEN}", "log_every=1000000", "device=cpu"])
+                   f"precision={a.precision}", f"max_len={MAX_LEN}", "log_every=1000000", "device=cpu",
+                   *a.lmschool_set])
     assert rc == 0, rc
     summary = json.loads((out / "summary.json").read_text())
     assert torch.get_num_threads() == a.threads, torch.get_num_threads()
@@ -145,7 +146,8 @@ def main() -> None:
             a.rounds, a.precisions,
             lambda side, precision: [sys.executable, __file__, "--child", side, "--precision", precision,
                                      "--data", str(data), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                                     "--batch", str(a.batch), "--threads", str(a.threads)],
+                                     "--batch", str(a.batch), "--threads", str(a.threads),
+                                     "--lmschool-set", *a.lmschool_set],
             lambda res: (f"{res['pairs_per_s']:.1f} pairs/s, reference pass {res['ref_pass_s']:.2f}s "
                          f"(loss {res['train_loss']:.4f})"))
     print(f"\nmedians over {a.rounds} rounds; batch {a.batch} pairs, {a.steps} steps after {a.warmup} warm-up, "

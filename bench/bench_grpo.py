@@ -212,8 +212,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="iterations before the measured ones")
     ap.add_argument("--prompts-per-step", type=int, default=2)
     ap.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
-    ap.add_argument("--lmschool-set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="extra `lmschool ppo` overrides (e.g. pack_rollouts=false: the update before packing)")
     add_common_arguments(ap)
     ap.add_argument("--order", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()

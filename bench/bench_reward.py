@@ -1,7 +1,7 @@
 """Reward-model training throughput: lmschool (`lmschool reward`) vs TRL's `RewardTrainer`, side by side, on CPU.
 
     .venv/bin/python bench/bench_reward.py [--steps 20] [--warmup 3] [--batch 8] [--threads 2] [--rounds 2]
-        [--precisions fp32 bf16] [--json out.json]
+        [--precisions fp32 bf16] [--json out.json] [--lmschool-set KEY=VALUE ...]
 
 Same model on both sides: the SFT checkpoint runs/demo2/sft/model (Llama, vocab 2286, hidden 256,
 4 layers) with its LM head replaced by a new scalar head (lmschool: `load_model(..., head="score",
@@ -118,7 +118,7 @@ def lmschool_child(a, data: Path, layout: list[list[int]], tmp: Path) -> dict:
                    "beta2=0.95", "grad_clip=1.0", f"max_steps={a.warmup + a.steps}", f"batch_size={a.batch}",
                    f"max_seq_len={MAX_LEN}", f"seed={SEED}", "test_fraction=0",
                    *(f"{k}={str(v).lower()}" for k, v in LAYOUT.items()), f"threads={a.threads}",
-                   f"precision={a.precision}", "log_every=1000000", "save_every=0", "device=cpu"])
+                   f"precision={a.precision}", "log_every=1000000", "save_every=0", "device=cpu", *a.lmschool_set])
     assert rc == 0, rc
     assert seen == layout, "lmschool trained on other micro-batches than the layout TRL was given"
     assert torch.get_num_threads() == a.threads, torch.get_num_threads()
@@ -200,7 +200,7 @@ def main() -> None:
             lambda side, precision: [sys.executable, __file__, "--child", side, "--precision", precision,
                                      "--data", str(data), "--layout", str(layout_file), "--steps", str(a.steps),
                                      "--warmup", str(a.warmup), "--batch", str(a.batch),
-                                     "--threads", str(a.threads)],
+                                     "--threads", str(a.threads), "--lmschool-set", *a.lmschool_set],
             lambda res: (f"{res['pairs_per_s']:.1f} pairs/s, {res['steps_per_s']:.2f} steps/s, "
                          f"{res['rows_per_pair']:.2f} rows/pair (loss {res['train_loss']:.4f})"))
 

@@ -31,6 +31,8 @@ def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--lmschool-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides for lmschool's side (e.g. the setting before a change)")
     ap.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)

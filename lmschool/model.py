@@ -444,6 +444,23 @@ def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal_mask(T, segment_ids.device))[:, None]                     # (B, 1, T, T)
 
 
+def tree_mask(branch_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention mask for rows that hold a prompt once and several answers after it
+    (`data.preference.collate_shared`, `rollout.pack`): causal, and a position of branch k >= 1
+    (an answer) attends to branch 0 (the prompt) and to its own branch, never to another answer.
+
+    branch_ids (B, T) int: 0 prompt, k >= 1 answer k, -1 padding (which attends only to itself,
+    so no row is empty). segment_ids (B, T) or None: several such trees packed in a row, each
+    attending only within itself. Returns (B, 1, T, T) bool, True = may attend."""
+    T = branch_ids.shape[1]
+    q, k = branch_ids[:, :, None], branch_ids[:, None, :]                           # (B, T, 1), (B, 1, T)
+    allowed = ((k == 0) & (q >= 0)) | ((k == q) & (q > 0))                          # (B, T, T)
+    if segment_ids is not None:
+        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    eye = torch.eye(T, dtype=torch.bool, device=branch_ids.device)
+    return ((allowed & causal_mask(T, branch_ids.device)) | eye)[:, None]          # (B, 1, T, T)
+
+
 def padding_mask(key_valid: torch.Tensor, T: int | None = None) -> torch.Tensor:
     """Causal attention mask that ignores padded keys.
 

@@ -7,9 +7,10 @@ and returns computed from them. `rows(idx)` takes a minibatch of it, trimmed to 
 sequence. Below it, the forward passes that read a model over the record's response positions:
 `response_logprobs` (with each position's entropy) and `response_values`, and `in_chunks` to run
 them a few rows at a time without gradient. Both read the rows packed (`pack`: several sequences
-laid end to end in one row, each attending only to itself) where that saves a good share of the
-padded positions: answers sampled at T = 1 differ widely in length, and the padding after the
-short ones is otherwise computed like real tokens (about a third of a rollout's positions).
+laid end to end in one row, each attending only to itself, the answers to one prompt sharing it)
+where that saves a good share of the padded positions: answers sampled at T = 1 differ widely in
+length, and the padding after the short ones is otherwise computed like real tokens (about a
+third of a rollout's positions); GRPO's G answers to a prompt would compute the prompt G times.
 
 Shapes: N rows, L longest sequence (prompt + response), R longest response. Position t of a
 response-aligned tensor is the t-th generated token of its row; `mask` is 1 on real response
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lmschool.data.sft import best_fit_decreasing
+from lmschool.model import tree_mask
 
 
 @dataclass
@@ -89,48 +91,76 @@ PACK_SAVING = 0.15     # pack only where it removes at least this share of the p
 
 @dataclass
 class Packed:
-    """A rollout's sequences laid end to end in P rows of width W (best fit, longest first). A
-    sequence's positions count from 0 as in its own row and it attends only to itself
-    (segment_ids), so every position gets the numbers it gets unpacked, up to float rounding."""
+    """A rollout's sequences laid end to end in P rows of width W (best fit, longest first), the
+    sequences that answer one prompt sharing it: the prompt (but its last token) once, then each
+    answer after that last token as a branch that attends to the prompt and to itself only
+    (`model.tree_mask`). A sequence's positions count as in its own row and it attends only to
+    itself and its prompt, so every position gets the numbers it gets unpacked, up to rounding."""
 
     input_ids: torch.Tensor     # (P, W)
     position_ids: torch.Tensor  # (P, W) 0, 1, ... within each sequence
-    segment_ids: torch.Tensor   # (P, W) the sequence's row in the rollout; -1 on the filler after the last
+    segment_ids: torch.Tensor   # (P, W) the row in the rollout of the prompt's first sequence; -1 on the filler
+    branch_ids: torch.Tensor    # (P, W) 0 on a shared prompt, k on its k-th answer, -1 on the filler
     positions: torch.Tensor     # (N, R) where the rollout's `positions` lie in the flattened (P * W)
 
+    def mask(self) -> torch.Tensor:
+        return tree_mask(self.branch_ids, self.segment_ids)                              # (P, 1, W, W)
 
-def pack(batch: Rollout, width: int = PACK_WIDTH, min_saving: float = PACK_SAVING) -> Packed | None:
-    """The rows of `batch` packed into rows of max(width, longest sequence) positions, or None
-    where that would compute fewer than `min_saving` of the padded positions less (rows of alike
-    length; a single row). Attention within a packed row costs more than within a short padded
-    one (its mask is not skipped), which is why rows stay narrow: on L4-256, 8 rollouts of 25-105
+
+def pack(batch: Rollout, width: int = PACK_WIDTH, min_saving: float = PACK_SAVING,
+         share_prompts: bool = True) -> Packed | None:
+    """The rows of `batch` packed into rows of max(width, longest unit) positions, or None where
+    that would compute fewer than `min_saving` of the padded positions less (rows of alike length;
+    a single row). A unit is a sequence, or with share_prompts the sequences of one prompt (GRPO's
+    group) as one tree. Attention within a packed row costs more than within a short padded one
+    (its mask is not skipped), which is why rows stay narrow: on L4-256, 8 rollouts of 25-105
     tokens, a training forward and backward took 0.78x the padded time packed in rows of 128, 0.81x
     in 256, 0.94x in one row of 512 (bench/RESULTS.md, session 11)."""
     lengths = (batch.last_index + 1).tolist()
+    prompt_lens = (batch.positions[:, 0] + 1).tolist()
     N, L = len(lengths), batch.input_ids.shape[1]
-    W = max(width, max(lengths))
-    rows = best_fit_decreasing(lengths, W)
+    ids = batch.input_ids.cpu()
+    units: dict[tuple, list[int]] = {}
+    for i in range(N):
+        units.setdefault(tuple(ids[i, :prompt_lens[i]].tolist()) if share_prompts else (i,), []).append(i)
+    # in an order of their own (not the rows'): the same sequences are laid out the same way in any
+    # order, so a no-grad pass over a rollout and the update's forward compute the same numbers
+    members = sorted((sorted(u, key=lambda i: ids[i, :lengths[i]].tolist()) for u in units.values()),
+                     key=lambda u: ids[u[0], :lengths[u[0]]].tolist())
+    sizes = [prompt_lens[u[0]] - 1 + sum(lengths[i] - prompt_lens[i] + 1 for i in u) for u in members]
+    W = max(width, max(sizes))
+    rows = best_fit_decreasing(sizes, W)
     if len(rows) * W > (1 - min_saving) * N * L:
         return None
-    ids = batch.input_ids.cpu()
     input_ids = torch.zeros(len(rows), W, dtype=torch.long)
     position_ids = torch.zeros(len(rows), W, dtype=torch.long)
     segment_ids = torch.full((len(rows), W), -1, dtype=torch.long)
-    start = torch.zeros(N, dtype=torch.long)          # where each sequence starts in the flattened rows
+    branch_ids = torch.full((len(rows), W), -1, dtype=torch.long)
+    start = torch.zeros(N, dtype=torch.long)   # flat index of each sequence's position 0, as its branch sees it
     for r, row in enumerate(rows):
         offset = 0
-        for i in row:
-            n = lengths[i]
-            input_ids[r, offset:offset + n] = ids[i, :n]
-            position_ids[r, offset:offset + n] = torch.arange(n)
-            segment_ids[r, offset:offset + n] = i
-            start[i] = r * W + offset
-            offset += n
+        for u in row:
+            group = members[u]
+            P = prompt_lens[group[0]]
+            input_ids[r, offset:offset + P - 1] = ids[group[0], :P - 1]              # the prompt but its last token
+            position_ids[r, offset:offset + P - 1] = torch.arange(P - 1)
+            segment_ids[r, offset:offset + P - 1] = group[0]
+            branch_ids[r, offset:offset + P - 1] = 0
+            offset += P - 1
+            for k, i in enumerate(group, start=1):                                  # last prompt token + answer
+                n = lengths[i] - P + 1
+                input_ids[r, offset:offset + n] = ids[i, P - 1:lengths[i]]
+                position_ids[r, offset:offset + n] = torch.arange(P - 1, lengths[i])
+                segment_ids[r, offset:offset + n] = group[0]
+                branch_ids[r, offset:offset + n] = k
+                start[i] = r * W + offset - (P - 1)
+                offset += n
     device = batch.input_ids.device
     last = batch.last_index.cpu()[:, None]                                               # (N, 1)
     # a response position past a row's end (its padding) reads the row's last token: masked anyway
     positions = start[:, None] + torch.minimum(batch.positions.cpu(), last)             # (N, R)
-    return Packed(input_ids.to(device), position_ids.to(device), segment_ids.to(device), positions.to(device))
+    return Packed(input_ids.to(device), position_ids.to(device), segment_ids.to(device), branch_ids.to(device),
+                  positions.to(device))
 
 
 # ---- forward passes over a rollout ------------------------------------------------------------------
@@ -142,7 +172,7 @@ def response_hidden(model, batch: Rollout, packing: bool = True) -> torch.Tensor
     if packed is None:
         h = model.hidden(batch.input_ids)                                               # (N, L, C)
         return h.gather(1, batch.positions[..., None].expand(-1, -1, h.shape[-1]))      # (N, R, C)
-    h = model.hidden(packed.input_ids, packed.position_ids, segment_ids=packed.segment_ids)  # (P, W, C)
+    h = model.hidden(packed.input_ids, packed.position_ids, packed.mask())                # (P, W, C)
     return h.flatten(0, 1)[packed.positions]                                            # (N, R, C)
 
 
@@ -179,7 +209,7 @@ def response_values(critic, batch: Rollout, packing: bool = True) -> torch.Tenso
     packed = pack(batch) if packing else None
     if packed is None:
         return critic(batch.input_ids).float().gather(1, batch.positions)               # (N, R)
-    values = critic(packed.input_ids, packed.position_ids, segment_ids=packed.segment_ids)   # (P, W)
+    values = critic(packed.input_ids, packed.position_ids, packed.mask())                # (P, W)
     return values.float().flatten()[packed.positions]                                   # (N, R)
 
 

@@ -290,7 +290,7 @@ def test_dpo_log_probs_with_a_checkpointed_head_give_the_same_gradients():
     """With gradient checkpointing, DPO checkpoints the LM head and its log-softmax too, two rows at
     a time (its logits are most of a LoRA run's memory): the same log-probs and gradients."""
     from lmschool.losses.preference import sequence_logprobs
-    from lmschool.stages.dpo import policy_logprobs
+    from lmschool.stages.dpo import answer_logprobs
     model = build_model(GC_CFG, seed=0)
     labels = GC_IDS.clone()
     labels[:, :6] = -100
@@ -300,7 +300,7 @@ def test_dpo_log_probs_with_a_checkpointed_head_give_the_same_gradients():
         model.train()
         model.zero_grad(set_to_none=True)
         torch.manual_seed(7)
-        logps = policy_logprobs(model, GC_IDS, labels)                     # (3,): 2 rows, then 1
+        logps = answer_logprobs(model, {"input_ids": GC_IDS, "labels": labels})   # (3,): 2 rows, then 1
         (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
         runs.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=1e-5)
@@ -308,4 +308,5 @@ def test_dpo_log_probs_with_a_checkpointed_head_give_the_same_gradients():
         torch.testing.assert_close(runs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
     model.eval()
     with torch.no_grad():   # outside training: the plain path
-        assert torch.equal(policy_logprobs(model, GC_IDS, labels), sequence_logprobs(model(GC_IDS), labels))
+        assert torch.equal(answer_logprobs(model, {"input_ids": GC_IDS, "labels": labels}),
+                           sequence_logprobs(model(GC_IDS), labels))

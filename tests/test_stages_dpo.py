@@ -14,14 +14,14 @@ import torch
 
 from lmschool.checkpoint import model_extra, save_model
 from lmschool.cli import main
-from lmschool.data.preference import PairBatches, collate_rows, pair_batch, read_pairs
+from lmschool.data.preference import PairBatches, collate_rows, collate_shared, pair_batch, read_pairs
 from lmschool.data.unpaired import UnpairedBatches, kl_partners, read_unpaired
 from lmschool.data.prompts import read_prompts
 from lmschool.evaluate import evaluate_generations
 from lmschool.judges import school_teacher
 from lmschool.losses.preference import LOSSES, sequence_logprobs
-from lmschool.model import ModelConfig, build_model
-from lmschool.stages.dpo import DPOConfig, make_loss_fn, reference_logprobs
+from lmschool.model import ModelConfig, build_model, tree_mask
+from lmschool.stages.dpo import DPOConfig, answer_logprobs, make_loss_fn, reference_logprobs
 from lmschool.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,7 +69,7 @@ def test_concatenated_forward_equals_two_separate_forwards(tok, world):
     log-probs as the chosen rows alone and the rejected rows alone (each padded to its own length)."""
     pairs = read_pairs(world / "prefs.jsonl")[:6]
     model = build_model(tiny_config(tok), seed=1).eval()
-    data = PairBatches(pairs, tok, 6, 384, group_batches=False, pad_multiple=1)
+    data = PairBatches(pairs, tok, 6, 384, group_batches=False, shared_prompts=False, pad_multiple=1)
     together = data.collate(list(range(6)))
     with torch.no_grad():
         both = sequence_logprobs(model(together["input_ids"]), together["labels"])              # (12,)
@@ -83,11 +83,89 @@ def test_concatenated_forward_equals_two_separate_forwards(tok, world):
     assert torch.equal(pair_batch(tok, pairs, 384)["input_ids"], together["input_ids"])
 
 
-def test_cached_and_on_the_fly_reference_agree(tok, world):
+def test_shared_prompt_rows_by_hand():
+    """Three pairs, two prompts: a row per prompt, the prompt but its last token once, then each
+    distinct answer after that last token, its positions counted on from the prompt's end."""
+    IG = -100
+    encoded = [(([1, 2, 3, 7, 8], 3), ([1, 2, 3, 9], 3)),        # prompt 1 2 3: chosen 7 8, rejected 9
+               (([1, 2, 3, 7, 8], 3), ([1, 2, 3, 5, 6, 4], 3)),  # the same chosen answer again
+               (([1, 2, 3], 2), ([1, 2, 4], 2))]                 # prompt 1 2: chosen 3, rejected 4
+    b = collate_shared(encoded, pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 7, 8, 3, 9, 3, 5, 6, 4],
+                                       [1, 2, 3, 2, 4, 0, 0, 0, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 2, 3, 4, 5],
+                                          [0, 1, 2, 1, 2, 0, 0, 0, 0, 0, 0]]
+    assert b["branch_ids"].tolist() == [[0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3],
+                                        [0, 1, 1, 2, 2, -1, -1, -1, -1, -1, -1]]
+    assert b["labels"].tolist() == [[IG, IG, 7, 8, IG, 9, IG, 5, 6, 4, IG],
+                                    [IG, 3, IG, 4, IG, IG, IG, IG, IG, IG, IG]]
+    # answers in order of first appearance: the chosen ones (7 8; 3), then the rejected (9; 5 6 4; 4)
+    assert b["answer_ids"].tolist() == [[-1, -1, 0, 0, -1, 2, -1, 3, 3, 3, -1],
+                                        [-1, 1, -1, 4, -1, -1, -1, -1, -1, -1, -1]]
+    assert b["chosen_index"].tolist() == [0, 0, 1] and b["rejected_index"].tolist() == [2, 3, 4]
+    assert b["response_len"].tolist() == [2, 1, 1, 3, 1]
+    assert b["answer_last"].tolist() == [4, 11 + 2, 6, 10, 11 + 4]      # g * T + t of each final token
+    assert b["num_targets"] == 3 and b["num_tokens"] == 11 + 5
+    # the mask: an answer sees the prompt and itself, never another answer; padding only itself
+    mask = tree_mask(b["branch_ids"])[:, 0]
+    assert mask[0, 6].tolist() == [True, True, False, False, False, True, True] + [False] * 4
+    assert mask[0, 3].tolist() == [True, True, True, True] + [False] * 7
+    assert mask[1, 4].tolist() == [True, False, False, True, True] + [False] * 6
+    assert mask[1, 7].tolist() == [False] * 7 + [True] + [False] * 3
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_shared_prompt_rows_give_each_answer_its_own_numbers(tok, world, checkpointed):
+    """DPO over shared-prompt rows (a prompt once, its answers as branches) gives the loss, the
+    metrics and every gradient of rows of one answer each, in far fewer positions; with gradient
+    checkpointing the LM head runs a few positions at a time and still agrees."""
+    from lmschool.model import set_gradient_checkpointing
+    pairs = read_pairs(world / "prefs.jsonl", split="train")
+    shared = PairBatches(pairs, tok, 8, 384, seed=0, shared_prompts=True)
+    rows = PairBatches(pairs, tok, 8, 384, seed=0)
+    policy, reference = build_model(tiny_config(tok), seed=2), build_model(tiny_config(tok), seed=3).eval()
+    set_gradient_checkpointing(policy, checkpointed)
+    cfg = DPOConfig(loss="dpo", beta=0.1, sft_weight=0.5)
+    fn = make_loss_fn(cfg, reference, None)
+    indices = max(shared.layout(0), key=len)
+    results = []
+    for data in (rows, shared):
+        batch = data.collate(indices)
+        policy.train().zero_grad()
+        loss, metrics = fn(policy, batch)
+        loss.backward()
+        results.append((batch["input_ids"].numel(), loss.item(), metrics, [p.grad.clone() for p in policy.parameters()]))
+    (n_rows, loss_a, m_a, g_a), (n_shared, loss_b, m_b, g_b) = results
+    assert n_shared * 2 < n_rows                       # the school world's groups: C(K, 2) pairs of K answers
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    assert all(float(m_b[k]) == pytest.approx(float(m_a[k]), abs=1e-4) for k in m_a)
+    assert all(torch.allclose(b, a, atol=1e-5) for a, b in zip(g_a, g_b))
+    if checkpointed:   # the head a few positions at a time: the same log-probs and gradients
+        batch = shared.collate(indices)
+        grads = []
+        for positions in (5, 10 ** 6):
+            policy.zero_grad()
+            logps = answer_logprobs(policy, batch, positions=positions)
+            (logps * torch.linspace(-1, 1, logps.numel())).sum().backward()
+            grads.append((logps.detach(), [p.grad.clone() for p in policy.parameters()]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+    with torch.no_grad():   # and each answer's log-prob is its own row's
+        policy.eval()
+        batch = shared.collate(indices)
+        alone = rows.collate(indices)
+        first, second = sequence_logprobs(policy(alone["input_ids"]), alone["labels"]).chunk(2)
+        logps = answer_logprobs(policy, batch)
+        torch.testing.assert_close(logps[batch["chosen_index"]], first, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(logps[batch["rejected_index"]], second, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared_prompts", [False, True])
+def test_cached_and_on_the_fly_reference_agree(tok, world, shared_prompts):
     """The reference pass (batches sorted by length, other padding) caches what the reference
     computes inside the training step: the same loss and the same gradient."""
     pairs = read_pairs(world / "prefs.jsonl", split="train")
-    data = PairBatches(pairs, tok, 8, 384, seed=0)
+    data = PairBatches(pairs, tok, 8, 384, seed=0, shared_prompts=shared_prompts)
     policy, reference = build_model(tiny_config(tok), seed=2), build_model(tiny_config(tok), seed=3).eval()
     cache = reference_logprobs(reference, data, list(range(len(pairs))), 5, CPU, "fp32")
     assert not torch.isnan(cache).any() and cache.shape == (len(pairs), 2)

@@ -193,6 +193,28 @@ def test_pack_lays_sequences_end_to_end():
     assert pack(batch, width=6) is None
 
 
+def test_pack_shares_a_prompt_among_its_answers():
+    """Three answers to the prompt 1 2 3 and one to the prompt 4 (GRPO's groups): the shared prompt
+    once (but its last token), then each answer after that last token, positions counting on from
+    the prompt's end; each response position points at its own branch. Sequences and trees are
+    laid out in an order of their own (by their tokens), whatever the rollout's row order."""
+    from lmschool.rollout import pack
+    seqs = [[1, 2, 3, 7, 8], [1, 2, 3, 9], [4, 5, 6], [1, 2, 3, 5, 6, 7]]
+    batch = Rollout.build(seqs, [3, 3, 1, 3], pad_id=0, device="cpu")
+    packed = pack(batch, width=12, min_saving=0)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 5, 6, 7, 3, 7, 8, 3, 9, 0], [4, 5, 6] + [0] * 9]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 2, 3, 4, 2, 3, 0], [0, 1, 2] + [0] * 9]
+    assert packed.branch_ids.tolist() == [[0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, -1], [1, 1, 1] + [-1] * 9]
+    assert packed.segment_ids.tolist() == [[3] * 11 + [-1], [2, 2, 2] + [-1] * 9]
+    # response token t of sequence i is predicted at batch.positions[i, t] = prompt_len - 1 + t
+    assert packed.positions.tolist() == [[6, 7, 8], [9, 10, 10], [12, 13, 14], [2, 3, 4]]
+    backwards = Rollout.build(seqs[::-1], [3, 1, 3, 3], pad_id=0, device="cpu")
+    assert torch.equal(pack(backwards, width=12, min_saving=0).input_ids, packed.input_ids)
+    unshared = pack(batch, width=12, min_saving=0, share_prompts=False)
+    assert unshared.input_ids[0].tolist() == [1, 2, 3, 5, 6, 7, 1, 2, 3, 7, 8, 0]   # best fit: 6 + 5 | 4 + 3
+    assert unshared.branch_ids[0].tolist() == [0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, -1]
+
+
 def test_packed_rollouts_give_the_rows_own_numbers():
     """Reading a rollout packed (one sequence of 40 tokens and eleven of 3-10, in one row of 128)
     gives each response token the log-prob, entropy, value and gradient the right-padded rows give it."""
@@ -202,8 +224,12 @@ def test_packed_rollouts_give_the_rows_own_numbers():
                       num_attention_heads=2, max_position_embeddings=64)
     policy, critic = build_model(cfg, seed=1), build_model(cfg, head="score", seed=2)
     lengths = [40, 3, 7, 3, 5, 9, 10, 4, 6, 8, 3, 5]
-    batch = Rollout.build([torch.randint(2, 32, (n,)).tolist() for n in lengths], [2] * 12, pad_id=0, device="cpu")
+    seqs = [torch.randint(2, 32, (n,)).tolist() for n in lengths]
+    for i in (3, 4, 5, 6):        # a group of answers to one prompt (GRPO's), which packing shares
+        seqs[i][:2] = seqs[2][:2]
+    batch = Rollout.build(seqs, [2] * 12, pad_id=0, device="cpu")
     assert pack(batch) is not None and pack(batch).input_ids.shape == (1, 128)
+    assert int((pack(batch).branch_ids > 1).sum()) > 0
     results = []
     for packing in (False, True):
         policy.zero_grad()

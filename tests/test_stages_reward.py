@@ -14,8 +14,8 @@ import torch
 
 from lmschool.checkpoint import load_model, model_extra, save_model
 from lmschool.cli import main
-from lmschool.data.preference import (Pair, collate_pairs, collate_unique, encode_pair, pair_batch, read_pairs,
-                                      response_batch)
+from lmschool.data.preference import (Pair, collate_pairs, collate_shared, collate_unique, encode_pair, pair_batch,
+                                      read_pairs, response_batch)
 from lmschool.errors import UserError
 from lmschool.losses.reward import bradley_terry_loss, reward_loss, rewards_at, sequence_rewards
 from lmschool.model import ModelConfig, build_model
@@ -105,6 +105,31 @@ def test_one_row_per_distinct_answer_gives_the_same_loss(tok):
         a, ma = reward_loss(model, halves, margin=0.5, centring=0.1)
         b, mb = reward_loss(model, unique, margin=0.5, centring=0.1)
     assert a.item() == pytest.approx(b.item(), abs=1e-6) and float(ma["accuracy"]) == float(mb["accuracy"])
+
+
+def test_shared_prompt_rows_give_each_answer_its_own_reward_and_gradient(tok):
+    """The prompt once and its three answers as branches (each attending to the prompt and itself):
+    every answer's reward, the loss and every gradient are those of a row per answer."""
+    model = build_model(tiny_cfg(tok), head="score", seed=3)
+    p, q = [{"role": "user", "content": "hi"}], [{"role": "user", "content": "Name a pet."}]
+    pairs = [Pair(p, "Hello!", "Go.", {}), Pair(p, "Hello!", "Hm", {}), Pair(p, "Hm", "Go.", {}),
+             Pair(q, "A cat.", "No.", {})]
+    encoded = [encode_pair(tok, x, 96) for x in pairs]
+    unique, shared = collate_unique(encoded, tok.pad_id), collate_shared(encoded, tok.pad_id)
+    assert shared["input_ids"].shape[0] == 2 and shared["num_tokens"] < unique["num_tokens"]
+    results = []
+    for batch in (unique, shared):
+        model.zero_grad()
+        rewards = sequence_rewards(model, batch)
+        loss, _ = reward_loss(model, batch, margin=0.5, centring=0.1)
+        loss.backward()
+        results.append((rewards[batch["chosen_index"]], rewards[batch["rejected_index"]], loss.item(),
+                        [t.grad.clone() for t in model.parameters()]))
+    (ca, ra, la, ga), (cb, rb, lb, gb) = results
+    torch.testing.assert_close(cb, ca, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rb, ra, atol=1e-5, rtol=1e-5)
+    assert lb == pytest.approx(la, abs=1e-6)
+    assert all(torch.allclose(b, a, atol=1e-6) for a, b in zip(ga, gb))
 
 
 # ---- where the reward is read ------------------------------------------------------------------------

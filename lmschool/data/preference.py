@@ -17,7 +17,9 @@ assistant header, then the answer, then `<|im_end|>`; the answer's tokens end wi
 token, where a reward model reads its score and which a policy must learn to emit.
 
 Batches (`pair_batch`, `PairBatches`): one concatenated, right-padded batch, rows 0..B-1 chosen and
-B..2B-1 rejected, so a policy (DPO) or a reward model runs one forward for both sides. A row longer
+B..2B-1 rejected, so a policy (DPO) or a reward model runs one forward for both sides; or
+(`collate_shared`) one row per prompt holding the prompt once and each distinct answer after it as
+a branch that sees only the prompt and itself. A row longer
 than `max_len` loses the start of its prompt (the whole answer is kept); an answer that alone
 leaves no room for one prompt token is a DataError. `PairBatches` serves them as a pure function
 of the step (resume, accumulation and DDP see the same pairs) and keeps the pairs of one prompt
@@ -242,6 +244,78 @@ def collate_unique(encoded: list[tuple], pad_id: int, pad_multiple: int = 1) -> 
     return batch
 
 
+def collate_shared(encoded: list[tuple], pad_id: int, pad_multiple: int = 1) -> dict:
+    """Pairs as one row per prompt: the prompt once, then each of its distinct answers as a branch
+    that attends to the prompt and to itself only, its positions counted on from the prompt's end.
+    Every answer gets the log-probs it would get in a row of its own (the same attention, the same
+    positions), but the prompt is computed once for all its answers: the K answers a rater ranked
+    give C(K, 2) pairs, and in a row per answer the prompt was computed twice per pair.
+
+    Layout of a row: the prompt but its last token (branch 0), then per answer that last prompt
+    token again followed by the answer (branch k = 1, 2, ...), so each branch's first position
+    predicts its answer's first token; padding is branch -1. Prompts are matched by their ids
+    after `fit_to_length`, so a prompt cut differently for two answers makes two rows.
+
+      input_ids, position_ids, branch_ids (G, T) long; labels (G, T): the next token of the branch
+      where it is an answer token, IGNORE elsewhere; answer_ids (G, T) long: the answer (0..A-1)
+      whose token labels[g, t] is, -1 elsewhere; answer_last (A,) long: g * T + t of each answer's
+      final token (<|im_end|>: where a reward model reads); response_len (A,); chosen_index,
+      rejected_index (P,) long: each pair's answers; num_targets = P; num_tokens (without padding).
+
+    `tree_mask(branch_ids)` (lmschool.model) is the attention mask these rows need."""
+    prompts: dict[tuple, int] = {}                    # prompt ids -> row
+    branches: list[list[tuple]] = []                  # per row: its distinct answers
+    answers: dict[tuple, int] = {}                    # (row, answer ids) -> answer index
+    order: list[tuple[int, int]] = []                 # answer index -> (row, branch)
+
+    def answer_of(seq: tuple[list[int], int]) -> int:
+        ids, prompt_len = seq
+        prompt, answer = tuple(ids[:prompt_len]), tuple(ids[prompt_len:])
+        row = prompts.setdefault(prompt, len(prompts))
+        if row == len(branches):
+            branches.append([])
+        if (row, answer) not in answers:
+            answers[(row, answer)] = len(order)
+            branches[row].append(answer)
+            order.append((row, len(branches[row])))
+        return answers[(row, answer)]
+
+    chosen = [answer_of(c) for c, _ in encoded]
+    rejected = [answer_of(r) for _, r in encoded]
+    rows = list(prompts)
+    lengths = [len(p) - 1 + sum(len(a) + 1 for a in branches[g]) for g, p in enumerate(rows)]
+    G, T = len(rows), -(-max(lengths) // pad_multiple) * pad_multiple
+    input_ids = torch.full((G, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(G, T, dtype=torch.long)
+    branch_ids = torch.full((G, T), -1, dtype=torch.long)
+    labels = torch.full((G, T), IGNORE, dtype=torch.long)
+    answer_ids = torch.full((G, T), -1, dtype=torch.long)
+    answer_last = torch.zeros(len(order), dtype=torch.long)
+    response_len = torch.zeros(len(order), dtype=torch.long)
+    for g, prompt in enumerate(rows):
+        P = len(prompt)
+        input_ids[g, :P - 1] = torch.as_tensor(prompt[:-1], dtype=torch.long)
+        position_ids[g, :P - 1] = torch.arange(P - 1)
+        branch_ids[g, :P - 1] = 0
+        start = P - 1
+        for k, answer in enumerate(branches[g], start=1):
+            n = len(answer)
+            a = answers[(g, answer)]
+            span = slice(start, start + n + 1)                                # last prompt token + answer
+            input_ids[g, span] = torch.as_tensor((prompt[-1],) + answer, dtype=torch.long)
+            position_ids[g, span] = torch.arange(P - 1, P + n)
+            branch_ids[g, span] = k
+            labels[g, start:start + n] = torch.as_tensor(answer, dtype=torch.long)
+            answer_ids[g, start:start + n] = a
+            answer_last[a], response_len[a] = g * T + start + n, n
+            start += n + 1
+    return {"input_ids": input_ids, "position_ids": position_ids, "branch_ids": branch_ids,
+            "labels": labels, "answer_ids": answer_ids, "answer_last": answer_last,
+            "response_len": response_len, "chosen_index": torch.as_tensor(chosen, dtype=torch.long),
+            "rejected_index": torch.as_tensor(rejected, dtype=torch.long), "num_targets": len(encoded),
+            "num_tokens": sum(lengths)}
+
+
 def response_batch(tokenizer, prompts: list[list[dict]], responses: list[str], max_len: int) -> dict:
     """Right-padded rows of single (prompt, response) sequences, e.g. to score answers with a
     reward model: input_ids, labels, last_index, response_len as in `collate_rows`."""
@@ -291,17 +365,19 @@ class PairBatches:
     r-th n_micro of them); steps per epoch come from epoch 0's layout, and an epoch with fewer
     micro-batches wraps around to its first. Pairs are encoded once and kept. If any line has a
     "margin" (TRL's column), every batch carries "margin" (B,), 0 for lines without one.
-    unique_rows=True collates with `collate_unique` (one row per distinct answer: reward models)
-    instead of `collate_pairs` (rows 0..B-1 chosen, B..2B-1 rejected).
+    unique_rows=True collates with `collate_unique` (one row per distinct answer: reward models),
+    shared_prompts=True with `collate_shared` (one row per prompt, its distinct answers as branches:
+    DPO), instead of `collate_pairs` (rows 0..B-1 chosen, B..2B-1 rejected).
     """
 
     def __init__(self, pairs: list[Pair], tokenizer, batch_size: int, max_len: int, *, seed: int = 0,
-                 group_batches: bool = True, unique_rows: bool = False, bucket_batches: int = 16,
-                 pad_multiple: int = 8):
+                 group_batches: bool = True, unique_rows: bool = False, shared_prompts: bool = False,
+                 bucket_batches: int = 16, pad_multiple: int = 8):
         if not pairs:
             raise DataError("there are no training pairs")
         self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
         self.pad_id, self.pad_multiple, self.unique_rows = tokenizer.fill_id, pad_multiple, unique_rows
+        self.shared_prompts = shared_prompts
         self.encoded = [encode_pair(tokenizer, p, max_len) for p in pairs]
         self.margins = None  # the lines' "margin" (a gap the reward model must exceed), if any has one
         if any("margin" in p.meta for p in pairs):
@@ -311,6 +387,7 @@ class PairBatches:
             groups.setdefault(p.group if group_batches else str(i), []).append(i)
         self.groups = list(groups.values())
         self.group_len = [max(self.length(i) for i in g) for g in self.groups]
+        self.group_of = {i: k for k, g in enumerate(self.groups) for i in g}
         self.bucket_batches = bucket_batches
         self._layouts: dict[int, list[list[int]]] = {}
 
@@ -325,6 +402,12 @@ class PairBatches:
         """Tokens in the longer row of pair i."""
         (chosen, _), (rejected, _) = self.encoded[i]
         return max(len(chosen), len(rejected))
+
+    def sort_key(self, i: int) -> tuple[int, int]:
+        """Pair i's place in a pass over the pairs in order of length (e.g. the reference's): its
+        group's length, then its group, so the pairs of one prompt stay together."""
+        g = self.group_of[i]
+        return self.group_len[g], g
 
     def layout(self, epoch: int) -> list[list[int]]:
         """The epoch's micro-batches, as lists of pair indices."""
@@ -383,7 +466,7 @@ class PairBatches:
     def collate(self, indices: list[int]) -> dict:
         """The micro-batch of pairs `indices`; "index" (B,) holds their positions in the data
         (where per-pair values such as DPO's cached reference log-probs are looked up)."""
-        collate = collate_unique if self.unique_rows else collate_pairs
+        collate = collate_shared if self.shared_prompts else collate_unique if self.unique_rows else collate_pairs
         batch = collate([self.encoded[i] for i in indices], self.pad_id, self.pad_multiple)
         batch["index"] = torch.as_tensor(indices, dtype=torch.long)
         if self.margins is not None:

@@ -140,6 +140,8 @@ class UnpairedBatches:
         """Tokens in the longer row of example i (its answer or its KL row)."""
         return max(len(self.rows[i][0]), len(self.kl_rows[i][0]))
 
+    sort_key = length   # a pass in order of length (the reference's) sorts by this
+
     def layout(self, epoch: int) -> list[list[int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)).tolist()
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmschool.model import tree_mask
+
 
 def rewards_at(scores: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
     """The score of each row at its last token. scores (B, T), last_index (B,) -> (B,) float32."""
@@ -28,8 +30,14 @@ def rewards_at(scores: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_rewards(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Raw rewards (no bias) of a batch's rows: input_ids (B, T), last_index (B,), optional
-    position_ids and segment_ids (B, T) (e.g. left padding: segment -1 at the pads) -> (B,)."""
+    """Raw rewards (no bias) of a batch's answers: rows of one answer each (input_ids (B, T),
+    last_index (B,), optional position_ids and segment_ids (B, T), e.g. left padding: segment -1
+    at the pads) -> (B,); or shared-prompt rows (`collate_shared`: branch_ids, position_ids (G, T),
+    answer_last (A,)) -> (A,), each read at its answer's last token."""
+    if "branch_ids" in batch:
+        scores = model(batch["input_ids"], position_ids=batch["position_ids"],
+                       attn_mask=tree_mask(batch["branch_ids"]))                  # (G, T)
+        return scores.reshape(-1)[batch["answer_last"]].float()                   # (A,)
     scores = model(batch["input_ids"], position_ids=batch.get("position_ids"),
                    segment_ids=batch.get("segment_ids"))                         # (B, T)
     return rewards_at(scores, batch["last_index"])

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from lmschool import distributed
@@ -57,8 +58,10 @@ from lmschool.errors import UserError
 from lmschool.evaluate import evaluate_policy, reference_answers, run_file
 from lmschool.files import atomic_write_text
 from lmschool.judges import make_judge
+from lmschool.losses.lm import IGNORE
 from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, kto_kl, needs_reference, paired_loss,
                                         sequence_logprobs)
+from lmschool.model import tree_mask
 from lmschool.runtime import autocast, resolve_precision
 from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, finish_run,
                                     load_stage_config, max_length, open_init, open_run, save_resolved_config,
@@ -105,6 +108,10 @@ class DPOConfig(TrainConfig):
     """Longest prompt + answer in tokens (the prompt is cut from the left); null = the checkpoint's context."""
     group_batches: bool = True
     """Keep the pairs of one prompt in one micro-batch where they fit."""
+    shared_prompts: bool = True
+    """One row per prompt: the prompt computed once, each distinct answer after it attending to the
+    prompt and itself (the same log-probs as a row per answer; on K ranked answers per prompt ~5x
+    fewer positions). false = a row per answer, chosen rows then rejected rows."""
     eval_every: int = 0
     """Held-out pairs' loss and accuracy every this many steps (0 = only at the end)."""
     save_every: int = 0
@@ -172,7 +179,7 @@ def make_batches(cfg: DPOConfig, examples: list, tokenizer, seed: int):
     if cfg.loss == "kto":
         return UnpairedBatches(examples, tokenizer, cfg.batch_size, cfg.max_len, seed=seed)
     return PairBatches(examples, tokenizer, cfg.batch_size, cfg.max_len, seed=seed,
-                       group_batches=cfg.group_batches)
+                       group_batches=cfg.group_batches, shared_prompts=cfg.shared_prompts)
 
 
 def read_examples(cfg: DPOConfig, path: Path, split: str) -> list:
@@ -186,60 +193,91 @@ def read_examples(cfg: DPOConfig, path: Path, split: str) -> list:
 @torch.no_grad()
 def reference_logprobs(reference, data, indices: list[int], batch_size: int, device: torch.device,
                        precision: str) -> torch.Tensor:
-    """The reference's sequence log-probs of both rows of the examples `indices`: (N, 2), column 0
-    the chosen answer (kto: the answer), column 1 the rejected one (kto: the KL row); rows of
-    examples not in `indices` stay NaN. Batches of examples in order of length: little padding."""
+    """The reference's sequence log-probs of both answers of the examples `indices`: (N, 2), column
+    0 the chosen answer (kto: the answer), column 1 the rejected one (kto: the KL row); rows of
+    examples not in `indices` stay NaN. Batches of examples in order of length (`data.sort_key`:
+    a prompt's pairs together, so shared-prompt rows compute each prompt once): little padding."""
     cache = torch.full((len(data), 2), float("nan"))
-    order = sorted(indices, key=data.length)
+    order = sorted(indices, key=data.sort_key)
     reference.eval()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        batch = data.collate(chunk)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.collate(chunk).items()}
         with autocast(device, precision):
-            logits = reference(batch["input_ids"].to(device))                            # (2B, T, V)
-        logps = sequence_logprobs(logits, batch["labels"].to(device)).float().cpu()     # (2B,)
-        cache[torch.as_tensor(chunk)] = torch.stack(logps.chunk(2), dim=1)               # (B, 2)
+            first, second = pair_sides(batch, answer_logprobs(reference, batch))          # (B,) each
+        cache[torch.as_tensor(chunk)] = torch.stack((first, second), dim=1).float().cpu()  # (B, 2)
     return cache.to(device)
 
 
-def policy_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, rows: int = 2) -> torch.Tensor:
-    """sequence_logprobs(model(input_ids), labels) (2B,). With gradient checkpointing in training,
-    the LM head and its log-softmax are checkpointed too, `rows` rows at a time: the (2B, T, V)
-    logits, their log-softmax and gradients (at V = 49152 most of a LoRA run's memory) are never
-    whole, only a chunk's, recomputed in the backward pass."""
+def answer_logprobs(model, batch: dict, positions: int = 256) -> torch.Tensor:
+    """log pi(y|x) of every answer in the batch, in float32: (A,) for shared-prompt rows
+    (`collate_shared`: the LM head runs only at the positions that predict an answer token, and
+    each answer sums its own), one per row (2B,) for rows of one answer each (`collate_pairs`,
+    kto's rows). With gradient checkpointing in training, the LM head and its log-softmax are
+    checkpointed too, `positions` target positions at a time (shared rows) or 2 rows at a time:
+    the logits, their log-softmax and gradients (at V = 49152 most of a LoRA run's memory) are
+    never whole, only a chunk's, recomputed in the backward pass."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
     backbone = getattr(model, "model", None)
-    if not (getattr(backbone, "gradient_checkpointing", False) and model.training and torch.is_grad_enabled()):
-        return sequence_logprobs(model(input_ids), labels)
-    h = model.hidden(input_ids)                                                    # (2B, T, C)
+    recompute = getattr(backbone, "gradient_checkpointing", False) and model.training and torch.is_grad_enabled()
+    if "branch_ids" not in batch:
+        if not recompute:
+            return sequence_logprobs(model(input_ids), labels)
+        h = model.hidden(input_ids)                                                # (2B, T, C)
 
-    def head(h_rows, label_rows):
-        return sequence_logprobs(model.lm_head(h_rows), label_rows)
+        def head(h_rows, label_rows):
+            return sequence_logprobs(model.lm_head(h_rows), label_rows)
 
-    return torch.cat([torch.utils.checkpoint.checkpoint(head, h[i:i + rows], labels[i:i + rows], use_reentrant=False)
-                      for i in range(0, h.shape[0], rows)])                        # (2B,)
+        return torch.cat([torch.utils.checkpoint.checkpoint(head, h[i:i + 2], labels[i:i + 2], use_reentrant=False)
+                          for i in range(0, h.shape[0], 2)])                       # (2B,)
+    at = labels != IGNORE                                                          # (G, T)
+    mask = tree_mask(batch["branch_ids"])                                          # (G, 1, T, T)
+    targets, owner = labels[at], batch["answer_ids"][at]                           # (N,) each
+    if not recompute:
+        token_logps = -F.cross_entropy(model(input_ids, batch["position_ids"], mask, at=at).float(), targets,
+                                       reduction="none")                           # (N,)
+    else:
+        h = model.hidden(input_ids, batch["position_ids"], mask)[at]               # (N, C)
+
+        def head(h_part, target_part):
+            return -F.cross_entropy(model.lm_head(h_part).float(), target_part, reduction="none")
+
+        token_logps = torch.cat([torch.utils.checkpoint.checkpoint(head, h[i:i + positions], targets[i:i + positions],
+                                                                   use_reentrant=False)
+                                 for i in range(0, h.shape[0], positions)])        # (N,)
+    A = batch["response_len"].shape[0]
+    return token_logps.new_zeros(A).index_add(0, owner, token_logps)               # (A,)
+
+
+def pair_sides(batch: dict, per_answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-answer tensor split into the pairs' two sides, (B,) each: by chosen_index and
+    rejected_index where the batch has them (shared-prompt rows), else rows 0..B-1 and B..2B-1."""
+    if "chosen_index" in batch:
+        return per_answer[batch["chosen_index"]], per_answer[batch["rejected_index"]]
+    first, second = per_answer.chunk(2)
+    return first, second
 
 
 def make_loss_fn(cfg: DPOConfig, reference=None, cache: torch.Tensor | None = None):
     """loss_fn(model, batch) -> (mean loss over the batch's pairs, metrics) for trainer.fit.
 
-    batch: input_ids, labels (2B, T), response_len (2B,), index (B,) (+ label (B,) for kto). Rows
-    0..B-1 and B..2B-1 run through the policy in one forward. The reference log-probs come from
-    `cache` (N, 2) at the batch's indices, or, without a cache, from a forward of `reference`."""
+    batch: a `PairBatches` micro-batch (shared-prompt rows, or rows 0..B-1 chosen and B..2B-1
+    rejected), index (B,) (+ label (B,) for kto, whose rows are its answers and its KL rows). All
+    answers run through the policy in one forward. The reference log-probs come from `cache`
+    (N, 2) at the batch's indices, or, without a cache, from a forward of `reference`."""
     use_reference = needs_reference(cfg.loss)
     hparams = cfg.hparams()
 
     def loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict]:
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        logps = policy_logprobs(model, input_ids, labels)                    # (2B,)
-        first, second = logps.chunk(2)                                       # chosen, rejected: (B,) each
-        first_len, second_len = batch["response_len"].chunk(2)               # (B,) each
+        first, second = pair_sides(batch, answer_logprobs(model, batch))    # chosen, rejected: (B,) each
+        first_len, second_len = pair_sides(batch, batch["response_len"])    # (B,) each
         ref_first = ref_second = None
         if use_reference:
             if cache is not None:
                 ref_first, ref_second = cache[batch["index"]].unbind(1)      # (B,) each
             else:
                 with torch.no_grad():
-                    ref_first, ref_second = sequence_logprobs(reference(input_ids), labels).chunk(2)
+                    ref_first, ref_second = pair_sides(batch, answer_logprobs(reference, batch))
         if cfg.loss == "kto":
             # rows B..2B-1 pair each prompt with another example's answer: z_0 (no gradient)
             losses, metrics = kto(first, ref_first, batch["label"], kto_kl(second, ref_second),

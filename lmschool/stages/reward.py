@@ -52,7 +52,7 @@ from lmschool import distributed
 from lmschool.adapters import for_training
 from lmschool.checkpoint import load_model
 from lmschool.config import check
-from lmschool.data.preference import Pair, PairBatches, collate_pairs, encode_pair, read_pairs, response_batch
+from lmschool.data.preference import Pair, PairBatches, collate_shared, encode_pair, read_pairs, response_batch
 from lmschool.errors import DataError
 from lmschool.files import atomic_write_text
 from lmschool.losses.reward import reward_loss, sequence_rewards
@@ -94,6 +94,10 @@ class RewardConfig(TrainConfig):
     """Keep the pairs of one prompt group in one micro-batch where they fit (InstructGPT)."""
     bucket_batches: int = 16
     """Length bucketing: sort each run of this many micro-batches of pairs by length (1 = off)."""
+    shared_prompts: bool = True
+    """One row per prompt: the prompt computed once, each distinct answer after it attending to the
+    prompt and itself, its reward read at its last token (the same rewards as a row per answer, in
+    about half the positions for K = 4 answers a prompt). false = a row per distinct answer."""
     test_fraction: float = 0.1
     """When the data has no "split": "test" lines, hold out this share of prompt groups for evaluation."""
     eval_batch_size: int = 64
@@ -148,16 +152,23 @@ def score_responses(model, tokenizer, prompts: list[list[dict]], responses: list
 
 @torch.no_grad()
 def pair_rewards(model, encoded: list[tuple], pad_id: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw rewards of the chosen and of the rejected answer of encoded pairs: two (N,) arrays."""
+    """Raw rewards of the chosen and of the rejected answer of encoded pairs: two (N,) arrays.
+    The pairs of one prompt go in one batch where they fit, as shared-prompt rows."""
     device = next(model.parameters()).device
     chosen, rejected = np.zeros(len(encoded)), np.zeros(len(encoded))
-    order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i][0][0]), len(encoded[i][1][0])))
+
+    def prompt(i: int) -> tuple[int, ...]:
+        ids, prompt_len = encoded[i][0]
+        return tuple(ids[:prompt_len])
+
+    order = sorted(range(len(encoded)), key=lambda i: (len(prompt(i)), prompt(i)))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        batch = collate_pairs([encoded[i] for i in chunk], pad_id)
+        batch = collate_shared([encoded[i] for i in chunk], pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        r = sequence_rewards(model, batch).cpu().numpy()                             # (2B,)
-        chosen[chunk], rejected[chunk] = r[:len(chunk)], r[len(chunk):]
+        r = sequence_rewards(model, batch)                                           # (A,)
+        chosen[chunk] = r[batch["chosen_index"]].cpu().numpy()
+        rejected[chunk] = r[batch["rejected_index"]].cpu().numpy()
     return chosen, rejected
 
 
@@ -277,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
     if not train:
         raise DataError(f"{args.data}: every pair is in the test split; nothing to train on")
     data = PairBatches(train, tokenizer, cfg.batch_size, cfg.max_seq_len, seed=cfg.seed,
-                       group_batches=cfg.group_batches, unique_rows=True, bucket_batches=cfg.bucket_batches)
+                       group_batches=cfg.group_batches, unique_rows=True, shared_prompts=cfg.shared_prompts,
+                       bucket_batches=cfg.bucket_batches)
     test_encoded = [encode_pair(tokenizer, p, cfg.max_seq_len) for p in test]
     dist = distributed.init(cfg.device)
     micro_per_step = cfg.grad_accum * dist.world_size
