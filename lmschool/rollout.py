@@ -165,10 +165,10 @@ def pack(batch: Rollout, width: int = PACK_WIDTH, min_saving: float = PACK_SAVIN
 
 # ---- forward passes over a rollout ------------------------------------------------------------------
 
-def response_hidden(model, batch: Rollout, packing: bool = True) -> torch.Tensor:
+def response_hidden(model, batch: Rollout, packing: bool = True, share_prompts: bool = True) -> torch.Tensor:
     """The model's final hidden states at the positions whose logits predict each response
     token: (N, R, C), read packed where that saves enough (`pack`)."""
-    packed = pack(batch) if packing else None
+    packed = pack(batch, share_prompts=share_prompts) if packing else None
     if packed is None:
         h = model.hidden(batch.input_ids)                                               # (N, L, C)
         return h.gather(1, batch.positions[..., None].expand(-1, -1, h.shape[-1]))      # (N, R, C)
@@ -177,12 +177,12 @@ def response_hidden(model, batch: Rollout, packing: bool = True) -> torch.Tensor
 
 
 def response_logprobs(model, batch: Rollout, temperature: float, entropy_grad: bool = False,
-                      packing: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      packing: bool = True, share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_T(y_t) = log_softmax(logits / T)[y_t] of each response token, as the sampler
     computed it, and the entropy H = -sum_v p_v log p_v of each of those distributions (detached
     unless entropy_grad). Only response positions go through the LM head. Returns
     (logprobs (N, R), entropy (N, R)), float32."""
-    h = response_hidden(model, batch, packing)                                          # (N, R, C)
+    h = response_hidden(model, batch, packing, share_prompts)                           # (N, R, C)
     logits = model.lm_head(h).float() / temperature                                     # (N, R, V)
     logp_all = logits.log_softmax(-1)
     logprobs = logp_all.gather(-1, batch.tokens[..., None]).squeeze(-1)                  # (N, R)
@@ -199,14 +199,15 @@ class ResponseLogprobs(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, batch: Rollout, temperature: float, entropy_grad: bool = False, packing: bool = True):
-        return response_logprobs(self.policy, batch, temperature, entropy_grad, packing)
+    def forward(self, batch: Rollout, temperature: float, entropy_grad: bool = False, packing: bool = True,
+                share_prompts: bool = True):
+        return response_logprobs(self.policy, batch, temperature, entropy_grad, packing, share_prompts)
 
 
-def response_values(critic, batch: Rollout, packing: bool = True) -> torch.Tensor:
+def response_values(critic, batch: Rollout, packing: bool = True, share_prompts: bool = True) -> torch.Tensor:
     """The critic's V(s_t) for the state before each response token, read packed where that
     saves enough (`pack`). Returns (N, R) float32."""
-    packed = pack(batch) if packing else None
+    packed = pack(batch, share_prompts=share_prompts) if packing else None
     if packed is None:
         return critic(batch.input_ids).float().gather(1, batch.positions)               # (N, R)
     values = critic(packed.input_ids, packed.position_ids, packed.mask())                # (P, W)

@@ -198,6 +198,9 @@ class PPOConfig(TrainConfig):
     """Read rollouts packed (several sequences end to end in one row, each attending only to itself)
     where that computes at least 15% fewer positions than right-padded rows (rollout.pack); false:
     always padded. The same numbers up to float rounding."""
+    shared_prompts: bool = True
+    """In packed rollouts, the answers to one prompt (GRPO's group) share it: the prompt computed once,
+    each answer after it attending to the prompt and itself (rollout.pack). Same numbers."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -427,18 +430,19 @@ class PPO:
         other columns, per rollout, for a --scorer (judges.row_fields); policy: the policy's
         weights to read (the sampler's whole copy under parallel=fsdp; else the policy)."""
         policy = policy if policy is not None else self.policy
-        cfg, chunk, mask, packing = self.cfg, self.cfg.minibatch_size, rollout.mask, self.cfg.pack_rollouts
+        cfg, chunk, mask = self.cfg, self.cfg.minibatch_size, rollout.mask
+        packing = {"packing": cfg.pack_rollouts, "share_prompts": cfg.shared_prompts}
         with torch.no_grad(), autocast(self.device, self.precision):
             raw_scores = self.reward.rollout_scores(prompts, texts, rollout.input_ids, rollout.last_index,
                                                     chunk, **(fields or {})).float()     # (N,)
             T = cfg.temperature
             if not cfg.single_step:   # else the update's forward fills them in
                 rollout.old_logprobs, rollout.entropy = in_chunks(
-                    lambda b: response_logprobs(policy, b, T, packing=packing), rollout, chunk)   # (N, R) each
-            rollout.ref_logprobs, = in_chunks(lambda b: response_logprobs(self.reference, b, T, packing=packing)[0],
+                    lambda b: response_logprobs(policy, b, T, **packing), rollout, chunk)   # (N, R) each
+            rollout.ref_logprobs, = in_chunks(lambda b: response_logprobs(self.reference, b, T, **packing)[0],
                                               rollout, chunk)                             # (N, R)
             if self.critic is not None:
-                rollout.values, = in_chunks(lambda b: response_values(self.critic, b, packing), rollout, chunk)
+                rollout.values, = in_chunks(lambda b: response_values(self.critic, b, **packing), rollout, chunk)
 
         scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()
         if cfg.whiten_scores:
@@ -533,10 +537,11 @@ class PPO:
         if train_policy:
             if self.train_logprobs is not None:   # under torchrun: through DDP
                 logprobs, entropy = self.train_logprobs(sub, cfg.temperature, entropy_grad=cfg.entropy_coef > 0,
-                                                        packing=cfg.pack_rollouts)
+                                                        packing=cfg.pack_rollouts, share_prompts=cfg.shared_prompts)
             else:
                 logprobs, entropy = response_logprobs(self.policy, sub, cfg.temperature,
-                                                      entropy_grad=cfg.entropy_coef > 0, packing=cfg.pack_rollouts)
+                                                      entropy_grad=cfg.entropy_coef > 0, packing=cfg.pack_rollouts,
+                                                      share_prompts=cfg.shared_prompts)
             if cfg.single_step:   # the one step of this rollout: pi_old = this forward, detached
                 sub.old_logprobs, sub.entropy = logprobs.detach(), entropy.detach()
             pg_loss, pm = policy_loss(logprobs, sub.old_logprobs, sub.advantages, sub.mask, cfg.clip_eps)
@@ -548,7 +553,7 @@ class PPO:
                 loss = loss + kl_coef * kl
                 metrics["kl_loss"] = kl.item()
         if self.critic is not None:
-            v = response_values(self.train_critic, sub, cfg.pack_rollouts)
+            v = response_values(self.train_critic, sub, cfg.pack_rollouts, cfg.shared_prompts)
             vf_loss, vm = value_loss(v, sub.values, sub.returns, sub.mask, cfg.vf_clip)
             loss = loss + cfg.vf_coef * vf_loss
             metrics.update(vf_loss=vf_loss.item(), **vm)
