@@ -17,8 +17,10 @@ Steps: read and check every line (and --eval, and the reference answers) before 
 encode the pairs once; **one pass of the reference model over the pairs the run will train on**,
 whose sequence log-probs are cached in memory, since the reference never changes
 (`reference=on_the_fly` runs it in every step instead; reference-free losses, simpo and orpo, skip
-it); then the one loop (trainer.fit), each step one forward of the policy over the chosen and
-rejected answers concatenated (rows 0..B-1 and B..2B-1 of `pair_batch`); then RUN/model (with
+it); then the one loop (trainer.fit), each step one forward of the policy over every answer of
+the micro-batch, a prompt computed once for all its answers (`collate_shared`: the prompt, then
+each distinct answer as a branch that attends to the prompt and itself; shared_prompts=false:
+chosen and rejected rows concatenated, rows 0..B-1 and B..2B-1 of `pair_batch`); then RUN/model (with
 "kind": "policy") and, with --eval, the greedy answers to the eval prompts judged by the teacher,
 against the SFT model's answers (lmschool.evaluate.evaluate_policy). Those are read from the SFT
 run's eval_answers.jsonl when --init (or --reference) is that run or its model/ directory, or from

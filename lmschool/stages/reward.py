@@ -14,8 +14,10 @@ Steps, as InstructGPT (Ouyang et al. 2022, sec. 3.5) and the N+ implementation d
   `<|im_end|>` that ends the answer;
 - Bradley-Terry loss -log sigma(r_c - r_r), optionally with a margin and reward centring
   (lmschool/losses/reward.py); the pairs of one prompt group share a micro-batch where they fit
-  (`PairBatches`), where each distinct answer is one row: the C(K, 2) pairs of K answers cost K
-  forward rows, not K(K - 1); one epoch is the default (more over-fits: InstructGPT sec. C.2);
+  (`PairBatches`), where the prompt is one row and each distinct answer a branch after it
+  (`collate_shared`): the C(K, 2) pairs of K answers cost one prompt and K answers, not K(K - 1)
+  prompts and answers (shared_prompts=false: a row per distinct answer); one epoch is the
+  default (more over-fits: InstructGPT sec. C.2);
 - after training, a bias is set so that the SFT policy's answers (the training pairs' answers,
   which `lmschool label` sampled from it) have mean reward 0; it is stored in the checkpoint's
   config.json ("lmschool": {"kind": "reward", "reward_bias": b}) and every reader subtracts it:
