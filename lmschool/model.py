@@ -14,8 +14,10 @@ Design choices:
   reward models and critics, saved as `LlamaForSequenceClassification` with `num_labels: 1`.
 - Attention is causal by default (the fast path); right padding needs no mask. The model builds
   any other mask itself from plain facts: packed rows pass `segment_ids` (B, T) (one id per
-  packed example, its own id at padding) and get `segment_mask`; generation with left padding and
-  a cache passes `attn_mask` (B, 1, T, S) from `padding_mask`. True = may attend.
+  packed example, its own id at padding) and get `segment_mask`; rows holding a prompt once and
+  its answers as branches pass `branch_ids` (and segment_ids if several are packed) and get
+  `tree_mask`; generation with left padding and a cache passes `attn_mask` (B, 1, T, S) from
+  `padding_mask`. True = may attend.
 - A `KVCache` makes generation O(T) per token; its positions may differ per row (left padding).
 - `init_weights` is the one place weights are initialised.
 
@@ -296,9 +298,10 @@ class Backbone(nn.Module):
         self.gradient_checkpointing = False   # see set_gradient_checkpointing
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None,
-                segment_ids=None):
+                segment_ids=None, branch_ids=None):
         """input_ids (B, T) -> hidden states (B, T, C). position_ids (B, T) or None (0, 1, ...
-        after the cache); segment_ids (B, T) or None: packed rows, each attends to its own segment."""
+        after the cache); segment_ids (B, T) or None: packed rows, each attends to its own segment;
+        branch_ids (B, T) or None: a prompt (0) and its answers (1, 2, ...), see `tree_mask`."""
         B, T = input_ids.shape
         if position_ids is None:
             start = cache.length if cache is not None else 0
@@ -307,7 +310,9 @@ class Backbone(nn.Module):
         cos, sin = freqs.cos(), freqs.sin()
         cos = torch.cat((cos, cos), dim=-1)                                          # (b, T, D)
         sin = torch.cat((-sin, sin), dim=-1)                                         # (b, T, D)
-        if segment_ids is not None:
+        if branch_ids is not None:
+            attn_mask = tree_mask(branch_ids, segment_ids)                           # (B, 1, T, T)
+        elif segment_ids is not None:
             attn_mask = segment_mask(segment_ids)                                    # (B, 1, T, T)
         if cache is not None and attn_mask is None and T > 1 and cache.length > 0:
             valid = torch.ones(B, cache.length + T, dtype=torch.bool, device=input_ids.device)
@@ -328,7 +333,8 @@ class Backbone(nn.Module):
 class Transformer(nn.Module):
     """The full model. head='lm' -> `LlamaForCausalLM`; head='score' -> `LlamaForSequenceClassification`.
 
-    forward(input_ids (B, T), position_ids=None, attn_mask=None, cache=None, at=None, segment_ids=None)
+    forward(input_ids (B, T), position_ids=None, attn_mask=None, cache=None, at=None, segment_ids=None,
+            branch_ids=None)
         -> logits (B, T, V) for head 'lm', or scores (B, T) for head 'score'.
     `hidden(...)` returns the final hidden states (B, T, C) for losses that chunk the LM head.
     """
@@ -346,15 +352,17 @@ class Transformer(nn.Module):
         else:
             self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
 
-    def hidden(self, input_ids, position_ids=None, attn_mask=None, cache=None, segment_ids=None):
-        return self.model(input_ids, position_ids, attn_mask, cache, segment_ids)
+    def hidden(self, input_ids, position_ids=None, attn_mask=None, cache=None, segment_ids=None, branch_ids=None):
+        return self.model(input_ids, position_ids, attn_mask, cache, segment_ids, branch_ids)
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, at=None, segment_ids=None):
+    def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None, at=None, segment_ids=None,
+                branch_ids=None):
         """Logits (B, T, V) with the LM head, rewards (B, T) with the score head. `at`: a bool
         (B, T) mask; then only the selected positions go through the head, in row-major order:
         (N, V) or (N,) for N selected (SFT takes its loss on about 40% of positions, and the head
-        and its softmax are a quarter of this model's work). segment_ids: see `Backbone.forward`."""
-        h = self.model(input_ids, position_ids, attn_mask, cache, segment_ids)       # (B, T, C)
+        and its softmax are a quarter of this model's work). segment_ids, branch_ids: see
+        `Backbone.forward`."""
+        h = self.model(input_ids, position_ids, attn_mask, cache, segment_ids, branch_ids)  # (B, T, C)
         if at is not None:
             h = h[at]                                                                # (N, C)
         if self.head == "lm":

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from lmschool.data.sft import best_fit_decreasing
-from lmschool.model import tree_mask
 
 
 @dataclass
@@ -103,9 +102,6 @@ class Packed:
     branch_ids: torch.Tensor    # (P, W) 0 on a shared prompt, k on its k-th answer, -1 on the filler
     positions: torch.Tensor     # (N, R) where the rollout's `positions` lie in the flattened (P * W)
 
-    def mask(self) -> torch.Tensor:
-        return tree_mask(self.branch_ids, self.segment_ids)                              # (P, 1, W, W)
-
 
 def pack(batch: Rollout, width: int = PACK_WIDTH, min_saving: float = PACK_SAVING,
          share_prompts: bool = True) -> Packed | None:
@@ -172,7 +168,8 @@ def response_hidden(model, batch: Rollout, packing: bool = True, share_prompts: 
     if packed is None:
         h = model.hidden(batch.input_ids)                                               # (N, L, C)
         return h.gather(1, batch.positions[..., None].expand(-1, -1, h.shape[-1]))      # (N, R, C)
-    h = model.hidden(packed.input_ids, packed.position_ids, packed.mask())                # (P, W, C)
+    h = model.hidden(packed.input_ids, packed.position_ids, segment_ids=packed.segment_ids,
+                     branch_ids=packed.branch_ids)                                      # (P, W, C)
     return h.flatten(0, 1)[packed.positions]                                            # (N, R, C)
 
 
@@ -210,7 +207,8 @@ def response_values(critic, batch: Rollout, packing: bool = True, share_prompts:
     packed = pack(batch, share_prompts=share_prompts) if packing else None
     if packed is None:
         return critic(batch.input_ids).float().gather(1, batch.positions)               # (N, R)
-    values = critic(packed.input_ids, packed.position_ids, packed.mask())                # (P, W)
+    values = critic(packed.input_ids, packed.position_ids, segment_ids=packed.segment_ids,
+                    branch_ids=packed.branch_ids)                                       # (P, W)
     return values.float().flatten()[packed.positions]                                   # (N, R)
 
 

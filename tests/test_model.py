@@ -13,7 +13,7 @@ from lmschool.adapters import LoraConfig, add_lora
 from lmschool.checkpoint import load_model, save_model
 from lmschool.cli import main
 from lmschool.errors import UserError
-from lmschool.model import ModelConfig, build_model, padding_mask, segment_mask, set_gradient_checkpointing
+from lmschool.model import ModelConfig, build_model, padding_mask, segment_mask, set_gradient_checkpointing, tree_mask
 from lmschool.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -175,6 +175,24 @@ def test_segment_ids_isolate_packed_examples():
         assert torch.allclose(out[:, :7], model(a), atol=1e-5)
         assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
         assert torch.equal(out, model(packed, position_ids=pos, attn_mask=segment_mask(seg)))
+
+
+def test_branch_ids_give_each_answer_its_prompt_and_itself():
+    """A prompt once, then two answers as branches after it (each repeating the prompt's last
+    token, positions going on from the prompt's end): each answer's logits are those of the prompt
+    and that answer alone; the model builds `tree_mask` from branch_ids."""
+    model = build_model(tiny()).eval()
+    prompt, x, y = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 4)), torch.randint(0, 97, (1, 3))
+    row = torch.cat([prompt[:, :5], prompt[:, 5:], x, prompt[:, 5:], y], dim=1)          # (1, 5 + 5 + 4)
+    branch = torch.tensor([[0] * 5 + [1] * 5 + [2] * 4])
+    pos = torch.tensor([list(range(5)) + list(range(5, 10)) + list(range(5, 9))])
+    with torch.no_grad():
+        out = model(row, position_ids=pos, branch_ids=branch)
+        alone_x, alone_y = model(torch.cat([prompt, x], 1)), model(torch.cat([prompt, y], 1))
+        assert torch.allclose(out[:, :5], alone_x[:, :5], atol=1e-5)
+        assert torch.allclose(out[:, 5:10], alone_x[:, 5:], atol=1e-5)
+        assert torch.allclose(out[:, 10:], alone_y[:, 5:], atol=1e-5)
+        assert torch.equal(out, model(row, position_ids=pos, attn_mask=tree_mask(branch)))
 
 
 @pytest.mark.parametrize("head", ["lm", "score"])

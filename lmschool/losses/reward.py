@@ -21,8 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmschool.model import tree_mask
-
 
 def rewards_at(scores: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
     """The score of each row at its last token. scores (B, T), last_index (B,) -> (B,) float32."""
@@ -36,7 +34,7 @@ def sequence_rewards(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     answer_last (A,)) -> (A,), each read at its answer's last token."""
     if "branch_ids" in batch:
         scores = model(batch["input_ids"], position_ids=batch["position_ids"],
-                       attn_mask=tree_mask(batch["branch_ids"]))                  # (G, T)
+                       branch_ids=batch["branch_ids"])                            # (G, T)
         return scores.reshape(-1)[batch["answer_last"]].float()                   # (A,)
     scores = model(batch["input_ids"], position_ids=batch.get("position_ids"),
                    segment_ids=batch.get("segment_ids"))                         # (B, T)

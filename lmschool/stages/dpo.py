@@ -63,7 +63,6 @@ from lmschool.judges import make_judge
 from lmschool.losses.lm import IGNORE
 from lmschool.losses.preference import (DEFAULT_BETA, LOSSES, chosen_nll, kto, kto_kl, needs_reference, paired_loss,
                                         sequence_logprobs)
-from lmschool.model import tree_mask
 from lmschool.runtime import autocast, resolve_precision
 from lmschool.stages.common import (Timer, add_run_arguments, check_same_data, check_vocab, finish_run,
                                     load_stage_config, max_length, open_init, open_run, save_resolved_config,
@@ -233,13 +232,12 @@ def answer_logprobs(model, batch: dict, positions: int = 256) -> torch.Tensor:
         return torch.cat([torch.utils.checkpoint.checkpoint(head, h[i:i + 2], labels[i:i + 2], use_reentrant=False)
                           for i in range(0, h.shape[0], 2)])                       # (2B,)
     at = labels != IGNORE                                                          # (G, T)
-    mask = tree_mask(batch["branch_ids"])                                          # (G, 1, T, T)
+    tree = {"position_ids": batch["position_ids"], "branch_ids": batch["branch_ids"]}
     targets, owner = labels[at], batch["answer_ids"][at]                           # (N,) each
     if not recompute:
-        token_logps = -F.cross_entropy(model(input_ids, batch["position_ids"], mask, at=at).float(), targets,
-                                       reduction="none")                           # (N,)
+        token_logps = -F.cross_entropy(model(input_ids, at=at, **tree).float(), targets, reduction="none")  # (N,)
     else:
-        h = model.hidden(input_ids, batch["position_ids"], mask)[at]               # (N, C)
+        h = model.hidden(input_ids, **tree)[at]                                    # (N, C)
 
         def head(h_part, target_part):
             return -F.cross_entropy(model.lm_head(h_part).float(), target_part, reduction="none")
