@@ -104,10 +104,10 @@ class Packed:
 
 
 def pack(batch: Rollout, width: int = PACK_WIDTH, min_saving: float = PACK_SAVING,
-         share_prompts: bool = True) -> Packed | None:
+         shared_prompts: bool = True) -> Packed | None:
     """The rows of `batch` packed into rows of max(width, longest unit) positions, or None where
     that would compute fewer than `min_saving` of the padded positions less (rows of alike length;
-    a single row). A unit is a sequence, or with share_prompts the sequences of one prompt (GRPO's
+    a single row). A unit is a sequence, or with shared_prompts the sequences of one prompt (GRPO's
     group) as one tree. Attention within a packed row costs more than within a short padded one
     (its mask is not skipped), which is why rows stay narrow: on L4-256, 8 rollouts of 25-105
     tokens, a training forward and backward took 0.78x the padded time packed in rows of 128, 0.81x
@@ -118,7 +118,7 @@ def pack(batch: Rollout, width: int = PACK_WIDTH, min_saving: float = PACK_SAVIN
     ids = batch.input_ids.cpu()
     units: dict[tuple, list[int]] = {}
     for i in range(N):
-        units.setdefault(tuple(ids[i, :prompt_lens[i]].tolist()) if share_prompts else (i,), []).append(i)
+        units.setdefault(tuple(ids[i, :prompt_lens[i]].tolist()) if shared_prompts else (i,), []).append(i)
     # in an order of their own (not the rows'): the same sequences are laid out the same way in any
     # order, so a no-grad pass over a rollout and the update's forward compute the same numbers
     members = sorted((sorted(u, key=lambda i: ids[i, :lengths[i]].tolist()) for u in units.values()),
@@ -161,10 +161,10 @@ def pack(batch: Rollout, width: int = PACK_WIDTH, min_saving: float = PACK_SAVIN
 
 # ---- forward passes over a rollout ------------------------------------------------------------------
 
-def response_hidden(model, batch: Rollout, packing: bool = True, share_prompts: bool = True) -> torch.Tensor:
+def response_hidden(model, batch: Rollout, packing: bool = True, shared_prompts: bool = True) -> torch.Tensor:
     """The model's final hidden states at the positions whose logits predict each response
     token: (N, R, C), read packed where that saves enough (`pack`)."""
-    packed = pack(batch, share_prompts=share_prompts) if packing else None
+    packed = pack(batch, shared_prompts=shared_prompts) if packing else None
     if packed is None:
         h = model.hidden(batch.input_ids)                                               # (N, L, C)
         return h.gather(1, batch.positions[..., None].expand(-1, -1, h.shape[-1]))      # (N, R, C)
@@ -174,12 +174,12 @@ def response_hidden(model, batch: Rollout, packing: bool = True, share_prompts: 
 
 
 def response_logprobs(model, batch: Rollout, temperature: float, entropy_grad: bool = False,
-                      packing: bool = True, share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      packing: bool = True, shared_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_T(y_t) = log_softmax(logits / T)[y_t] of each response token, as the sampler
     computed it, and the entropy H = -sum_v p_v log p_v of each of those distributions (detached
     unless entropy_grad). Only response positions go through the LM head. Returns
     (logprobs (N, R), entropy (N, R)), float32."""
-    h = response_hidden(model, batch, packing, share_prompts)                           # (N, R, C)
+    h = response_hidden(model, batch, packing, shared_prompts)                           # (N, R, C)
     logits = model.lm_head(h).float() / temperature                                     # (N, R, V)
     logp_all = logits.log_softmax(-1)
     logprobs = logp_all.gather(-1, batch.tokens[..., None]).squeeze(-1)                  # (N, R)
@@ -197,14 +197,14 @@ class ResponseLogprobs(torch.nn.Module):
         self.policy = policy
 
     def forward(self, batch: Rollout, temperature: float, entropy_grad: bool = False, packing: bool = True,
-                share_prompts: bool = True):
-        return response_logprobs(self.policy, batch, temperature, entropy_grad, packing, share_prompts)
+                shared_prompts: bool = True):
+        return response_logprobs(self.policy, batch, temperature, entropy_grad, packing, shared_prompts)
 
 
-def response_values(critic, batch: Rollout, packing: bool = True, share_prompts: bool = True) -> torch.Tensor:
+def response_values(critic, batch: Rollout, packing: bool = True, shared_prompts: bool = True) -> torch.Tensor:
     """The critic's V(s_t) for the state before each response token, read packed where that
     saves enough (`pack`). Returns (N, R) float32."""
-    packed = pack(batch, share_prompts=share_prompts) if packing else None
+    packed = pack(batch, shared_prompts=shared_prompts) if packing else None
     if packed is None:
         return critic(batch.input_ids).float().gather(1, batch.positions)               # (N, R)
     values = critic(packed.input_ids, packed.position_ids, segment_ids=packed.segment_ids,

@@ -210,7 +210,7 @@ def test_pack_shares_a_prompt_among_its_answers():
     assert packed.positions.tolist() == [[6, 7, 8], [9, 10, 10], [12, 13, 14], [2, 3, 4]]
     backwards = Rollout.build(seqs[::-1], [3, 1, 3, 3], pad_id=0, device="cpu")
     assert torch.equal(pack(backwards, width=12, min_saving=0).input_ids, packed.input_ids)
-    unshared = pack(batch, width=12, min_saving=0, share_prompts=False)
+    unshared = pack(batch, width=12, min_saving=0, shared_prompts=False)
     assert unshared.input_ids[0].tolist() == [1, 2, 3, 5, 6, 7, 1, 2, 3, 7, 8, 0]   # best fit: 6 + 5 | 4 + 3
     assert unshared.branch_ids[0].tolist() == [0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, -1]
 

@@ -265,8 +265,7 @@ def collate_shared(encoded: list[tuple], pad_id: int, pad_multiple: int = 1) -> 
     `tree_mask(branch_ids)` (lmschool.model) is the attention mask these rows need."""
     prompts: dict[tuple, int] = {}                    # prompt ids -> row
     branches: list[list[tuple]] = []                  # per row: its distinct answers
-    answers: dict[tuple, int] = {}                    # (row, answer ids) -> answer index
-    order: list[tuple[int, int]] = []                 # answer index -> (row, branch)
+    answers: dict[tuple, int] = {}                    # (row, answer ids) -> answer index, in order of first use
 
     def answer_of(seq: tuple[list[int], int]) -> int:
         ids, prompt_len = seq
@@ -275,9 +274,8 @@ def collate_shared(encoded: list[tuple], pad_id: int, pad_multiple: int = 1) -> 
         if row == len(branches):
             branches.append([])
         if (row, answer) not in answers:
-            answers[(row, answer)] = len(order)
+            answers[(row, answer)] = len(answers)
             branches[row].append(answer)
-            order.append((row, len(branches[row])))
         return answers[(row, answer)]
 
     chosen = [answer_of(c) for c, _ in encoded]
@@ -290,8 +288,8 @@ def collate_shared(encoded: list[tuple], pad_id: int, pad_multiple: int = 1) -> 
     branch_ids = torch.full((G, T), -1, dtype=torch.long)
     labels = torch.full((G, T), IGNORE, dtype=torch.long)
     answer_ids = torch.full((G, T), -1, dtype=torch.long)
-    answer_last = torch.zeros(len(order), dtype=torch.long)
-    response_len = torch.zeros(len(order), dtype=torch.long)
+    answer_last = torch.zeros(len(answers), dtype=torch.long)
+    response_len = torch.zeros(len(answers), dtype=torch.long)
     for g, prompt in enumerate(rows):
         P = len(prompt)
         input_ids[g, :P - 1] = torch.as_tensor(prompt[:-1], dtype=torch.long)

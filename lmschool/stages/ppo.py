@@ -431,7 +431,7 @@ class PPO:
         weights to read (the sampler's whole copy under parallel=fsdp; else the policy)."""
         policy = policy if policy is not None else self.policy
         cfg, chunk, mask = self.cfg, self.cfg.minibatch_size, rollout.mask
-        packing = {"packing": cfg.pack_rollouts, "share_prompts": cfg.shared_prompts}
+        packing = {"packing": cfg.pack_rollouts, "shared_prompts": cfg.shared_prompts}
         with torch.no_grad(), autocast(self.device, self.precision):
             raw_scores = self.reward.rollout_scores(prompts, texts, rollout.input_ids, rollout.last_index,
                                                     chunk, **(fields or {})).float()     # (N,)
@@ -537,11 +537,11 @@ class PPO:
         if train_policy:
             if self.train_logprobs is not None:   # under torchrun: through DDP
                 logprobs, entropy = self.train_logprobs(sub, cfg.temperature, entropy_grad=cfg.entropy_coef > 0,
-                                                        packing=cfg.pack_rollouts, share_prompts=cfg.shared_prompts)
+                                                        packing=cfg.pack_rollouts, shared_prompts=cfg.shared_prompts)
             else:
                 logprobs, entropy = response_logprobs(self.policy, sub, cfg.temperature,
                                                       entropy_grad=cfg.entropy_coef > 0, packing=cfg.pack_rollouts,
-                                                      share_prompts=cfg.shared_prompts)
+                                                      shared_prompts=cfg.shared_prompts)
             if cfg.single_step:   # the one step of this rollout: pi_old = this forward, detached
                 sub.old_logprobs, sub.entropy = logprobs.detach(), entropy.detach()
             pg_loss, pm = policy_loss(logprobs, sub.old_logprobs, sub.advantages, sub.mask, cfg.clip_eps)
