@@ -8,6 +8,7 @@ so a comparison shows two different answers.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
@@ -73,6 +74,31 @@ def wait_for(condition, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def paused_after(engine, steps: int = 1):
+    """The engine runs `steps` more decode steps, then waits until the block ends: a stream started
+    in the block is then known to be running, not finished. (Taking `engine.hold()` once a first
+    chunk has arrived is a race: a tiny model can write a whole answer in between, and a test
+    waiting on that answer's slot or cancel then waits forever.) Yields an Event set once the
+    engine waits."""
+    waiting, go, done = threading.Event(), threading.Event(), [0]
+    step = engine._step   # bound: the engine's thread looks _step up on the instance at every step
+
+    def step_then_wait(name, decoder):
+        step(name, decoder)
+        done[0] += 1
+        if done[0] >= steps and not go.is_set():
+            waiting.set()
+            go.wait(HANG_GUARD_S)
+
+    engine._step = step_then_wait
+    try:
+        yield waiting
+    finally:
+        del engine._step   # the class's own again
+        go.set()
 
 
 class LiveServer:

@@ -18,7 +18,7 @@ import torch
 from lmschool.generate import Decoder, RowSampling, stream
 from lmschool.model import ModelConfig, build_model
 from procs import child_env
-from serve_fixtures import TAUGHT, LiveServer, pipeline_run, wait_for
+from serve_fixtures import TAUGHT, LiveServer, paused_after, pipeline_run, wait_for
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -306,13 +306,17 @@ def test_a_full_queue_answers_429_with_retry_after(served):
     models, _ = served
     live = LiveServer(models, max_batch=1, max_queue=1)
     try:
-        first = httpx.Client(timeout=60).stream(
-            "POST", live.url + "/v1/completions",
-            json={"model": "sft", "prompt": "Hi", "max_tokens": 200, "ignore_eos": True, "stream": True})
-        with first as running:
-            lines = running.iter_lines()
-            assert next(lines).startswith("data: ")               # running: the one slot is taken
-            with live.engine.hold():
+        with paused_after(live.engine) as paused:   # the first answer cannot finish and free its slot
+            first = httpx.Client(timeout=60).stream(   # a chat stream's first chunk needs no step
+                "POST", live.url + "/v1/chat/completions",
+                json={"model": "sft", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200,
+                      "ignore_eos": True, "stream": True})
+            with first as running:
+                lines = running.iter_lines()   # kept: a dropped iterator closes the stream
+                assert next(lines).startswith("data: ")
+                wait_for(paused.is_set, "the engine to wait")
+                stats = live.engine.stats()
+                assert stats["rows_active"] == 1, f"{stats}"      # running: the one slot is taken
                 async_second = httpx.AsyncClient(timeout=60)
 
                 async def second_and_third():
@@ -329,7 +333,7 @@ def test_a_full_queue_answers_429_with_retry_after(served):
                 waiting, third = loop.run_until_complete(second_and_third())
                 assert third.status_code == 429 and third.headers["retry-after"] == "1"
                 assert third.json()["error"]["code"] == "rate_limit_exceeded"
-            # the first stream left (closing it), the engine runs again: the waiting one is answered
+        # the first stream left (closing it), the engine runs again: the waiting one is answered
         second = loop.run_until_complete(waiting)
         loop.run_until_complete(async_second.aclose())
         loop.close()
@@ -341,8 +345,11 @@ def test_a_full_queue_answers_429_with_retry_after(served):
 
 CLIENT = """
 import sys, httpx
-with httpx.stream("POST", sys.argv[1] + "/v1/completions", timeout=60, json={
-        "model": "sft", "prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "stream": True}) as r:
+with httpx.stream("POST", sys.argv[1] + "/v1/chat/completions", timeout=60, json={
+        "model": "sft", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200, "ignore_eos": True,
+        "stream": True}) as r:
+    if r.status_code != 200:
+        sys.exit(f"{r.status_code}: {r.read().decode()}")
     for line in r.iter_lines():
         if line.startswith("data: "):
             print("got", flush=True)
@@ -351,25 +358,28 @@ with httpx.stream("POST", sys.argv[1] + "/v1/completions", timeout=60, json={
 
 
 def test_a_client_killed_mid_stream_frees_its_slot_at_once(server):
-    child = subprocess.Popen([sys.executable, "-c", CLIENT, server.url], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    child = None
     try:
-        line = child.stdout.readline()
-        assert line == "got\n", child.stderr.read()
-        before = server.engine.stats()
-        with server.engine.hold():   # no step can finish the answer while the client dies
-            assert before["rows_active"] == 1
+        with paused_after(server.engine) as paused:   # no step can finish the answer while the client dies
+            child = subprocess.Popen([sys.executable, "-c", CLIENT, server.url], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+            line = child.stdout.readline()
+            assert line == "got\n", child.stderr.read()
+            wait_for(paused.is_set, "the engine to wait")   # one step written: running, far from done
+            before = server.engine.stats()
+            assert before["rows_active"] == 1, f"{before}"
             child.send_signal(signal.SIGKILL)
             child.wait()
             wait_for(lambda: server.engine.stats()["cancelled"] == before["cancelled"] + 1, "the cancel")
             assert server.engine.stats()["rows_active"] == 0      # the slot is free before any step
         wait_for(lambda: server.engine.stats()["requests_running"] == 0, "the row to be dropped")
-        assert server.engine.stats()["tokens"] - before["tokens"] < 240
+        assert server.engine.stats()["tokens"] - before["tokens"] < 200
         assert chat(openai.OpenAI(base_url=server.url + "/v1", api_key="none"), "Hi!").choices[0].message.content \
             == "Hello! How can I help?"
     finally:
-        child.kill()
-        child.wait()
+        if child is not None:
+            child.kill()
+            child.wait()
 
 
 def test_api_key_guards_the_api_not_the_health(served):
