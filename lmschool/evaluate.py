@@ -213,16 +213,29 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
 
 
 @torch.no_grad()
+def sampling_settings(model, *, seed: int, batch_size: int, max_new_tokens: int) -> dict:
+    """What, besides the weights and the prompts, decides a model's sampled eval answers: the same
+    settings give the same answers (`sample_responses`), so a later stage can read them instead of
+    sampling again. The device type and autocast dtype are among them (they change the numbers)."""
+    device = next(model.parameters()).device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return {"seed": seed, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": 1.0,
+            "device": device, "autocast": None if dtype is None else str(dtype).removeprefix("torch.")}
+
+
 def evaluate_sampled(model, tokenizer, rows: list[dict], judge, *, max_new_tokens: int = 128,
-                     batch_size: int = 32, seed: int = 0) -> dict:
+                     batch_size: int = 32, seed: int = 0) -> tuple[dict, dict[int, dict]]:
     """One answer per prompt sampled at temperature 1 (the distribution the feedback stages start
-    from and the win rate compares), judged: {score_key}_sampled and, for a judge that names flaws,
-    the `conduct` figures. Uses seed + 1, as evaluate_policy's samples do. {} for no usable row."""
+    from and the win rate compares), judged. Returns (summary, per_row): {score_key}_sampled and, for
+    a judge that names flaws, the `conduct` figures ({} for no usable row); per row index, the fields
+    an eval record keeps of it, sampled ([[answer, score]]) and sampled_with (`sampling_settings`):
+    with the SFT model's records, `evaluate_policy` reads these answers instead of sampling them
+    again. Uses seed + 1, as evaluate_policy's samples do."""
     judge = as_judge(judge)
     prompts = [tokenizer.render(r["prompt"], add_generation_prompt=True)[0] for r in rows]
     usable = [i for i, p in enumerate(prompts) if len(p) < model.config.max_position_embeddings]
     if not usable:
-        return {}
+        return {}, {}
     was_training = model.training
     model.eval()
     outs = sample_responses(model, tokenizer, [prompts[i] for i in usable], samples=1,
@@ -232,8 +245,10 @@ def evaluate_sampled(model, tokenizer, rows: list[dict], judge, *, max_new_token
     questions = [rows[i]["prompt"] for i in usable]
     scores, parts = judge(questions, texts, **_fields(rows, usable))
     categories = [str(rows[i].get("category") or judge.category(rows[i]["prompt"])) for i in usable]
+    settings = sampling_settings(model, seed=seed + 1, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    per_row = {i: {"sampled": [[t, s]], "sampled_with": settings} for i, t, s in zip(usable, texts, scores)}
     return {f"{judge.score_key}_sampled": _mean(scores),
-            **conduct(judge, questions, texts, parts, categories)}
+            **conduct(judge, questions, texts, parts, categories)}, per_row
 
 
 # ---- a policy against its reference: win rate and KL (DPO, PPO) ------------------------------------
@@ -251,18 +266,19 @@ def evaluate_sampled(model, tokenizer, rows: list[dict], judge, *, max_new_token
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[list[int]], *, samples: int, max_new_tokens: int,
-                   batch_size: int, seed: int = 0, temperature: float = 1.0) -> list[list[int]]:
+                   batch_size: int, seed: int = 0, temperature: float = 1.0, first: int = 0) -> list[list[int]]:
     """`samples` answers (token ids, up to and including a stop token) per prompt from `model` at
     `temperature`, in prompt-major order: answer k of prompt i is at i * samples + k. Prompts are
     batched by length; the seed of each batch depends only on `seed`, the sample index and the
-    batch's position, so two models asked with the same seed share their random numbers."""
+    batch's position, so two models asked with the same seed share their random numbers. `first`:
+    leave out answers 0 .. first - 1 (known already); the others are as they would be with them."""
     from lmschool.generate import generate
 
     pad_id = tokenizer.fill_id
     context = model.config.max_position_embeddings
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[tuple[int, int], list[int]] = {}
-    for k in range(samples):
+    for k in range(first, samples):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             room = context - max(len(prompts[i]) for i in chunk)
@@ -317,7 +333,9 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], judge, *, re
     (the SFT run's eval_answers.jsonl), so the reference is not asked again; their answers are
     judged afresh. None: the reference answers here. Then `kl_samples` answers per prompt are
     sampled at temperature 1 from the policy and from the reference (with the same random numbers:
-    where the two models agree, so do their samples) and judged. `judge`: as evaluate_generations'
+    where the two models agree, so do their samples) and judged; the reference's first answer per
+    prompt is read from `reference_records` where they hold it, sampled with these settings
+    (`evaluate_sampled`'s per-row fields: the SFT stage's records). `judge`: as evaluate_generations'
     scorer. Added to the summary:
 
       win_rate_vs_sft        sampled answers, the policy's k-th against the reference's k-th on each
@@ -332,6 +350,7 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], judge, *, re
                              nats/sequence: an unbiased estimate of KL(pi || pi_ref)
       kl_from_sft_per_token  the same sum over all answers divided by their tokens (a Monte Carlo
                              estimate: near 0 it can come out slightly negative)
+      reference_first_samples "read" (from reference_records) or "sampled" (here)
       sft_teacher_score (sft_score for another scorer), sft_teacher_score_by_category,
       sft_correct, sft_fact_correct, sft_refusal_correct: the reference's greedy figures, judged here
 
@@ -393,15 +412,24 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], judge, *, re
     n = kl_samples
     mine = sample_responses(policy, tokenizer, asked, samples=n, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, seed=seed + 1)
+    # the reference's first answer per prompt: read from its records where they were sampled as
+    # these would be (the SFT stage's, same settings and prompts), else sampled here
+    settings = sampling_settings(reference, seed=seed + 1, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    known = [i for i, r in enumerate(reference_records) if r.get("sampled")]
+    read = known == usable and all(reference_records[i].get("sampled_with") == settings for i in usable)
     theirs = sample_responses(reference, tokenizer, asked, samples=n, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, seed=seed + 1)
+                            batch_size=batch_size, seed=seed + 1, first=1 if read else 0)
+    theirs = [tokenizer.decode(a, skip_special=True).strip() for a in theirs]
+    if read:
+        rest = n - 1
+        theirs = [text for p, i in enumerate(usable)
+                  for text in [reference_records[i]["sampled"][0][0], *theirs[p * rest:(p + 1) * rest]]]
     pad_id = tokenizer.fill_id
     logratios = sequence_logratios(policy, reference, pad_id,
                                    [(list(asked[m // n]) + a, len(asked[m // n])) for m, a in enumerate(mine)],
                                    batch_size=batch_size)
     questions = [rows[usable[m // n]]["prompt"] for m in range(len(mine))]
-    texts = ([tokenizer.decode(a, skip_special=True).strip() for a in mine],
-             [tokenizer.decode(a, skip_special=True).strip() for a in theirs])
+    texts = ([tokenizer.decode(a, skip_special=True).strip() for a in mine], theirs)
     fields = _fields(rows, [usable[m // n] for m in range(len(mine))])
     judged_samples = judge(questions, texts[0], **fields), judge(questions, texts[1], **fields)
     scores = judged_samples[0][0], judged_samples[1][0]
@@ -415,6 +443,7 @@ def evaluate_policy(policy, reference, tokenizer, rows: list[dict], judge, *, re
         f"{name}_sampled": _mean(scores[0]), f"sft_{name}_sampled": _mean(scores[1]),
         "kl_from_sft": _mean(logratios), "kl_from_sft_per_token": sum(logratios) / max(sum(lengths), 1),
         "kl_samples": n, "sampling_temperature": 1.0,
+        "reference_first_samples": "read" if read else "sampled",
     })
     for m, i in enumerate(usable):
         part = slice(m * n, (m + 1) * n)

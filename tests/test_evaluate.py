@@ -13,7 +13,7 @@ import torch
 
 from lmschool.errors import UserError
 from lmschool.data.prompts import read_prompts
-from lmschool.evaluate import (conduct, evaluate_generations, evaluate_policy, judge_demonstrations,
+from lmschool.evaluate import (conduct, evaluate_generations, evaluate_policy, evaluate_sampled, judge_demonstrations,
                                sample_responses, sequence_logratios)
 from lmschool.generate import Generation, generate
 from lmschool.judges import TeacherJudge, school_teacher
@@ -151,6 +151,38 @@ def test_a_policy_equal_to_its_reference_samples_the_same_answers(tok):
     assert same["win_rate_vs_sft"] == 0.5 and same["ties"] == 9 and same["kl_from_sft"] == pytest.approx(0.0, abs=1e-6)
     other, _ = evaluate_policy(tiny_model(tok, 7), reference, tok, rows, chars, max_new_tokens=10, kl_samples=3)
     assert other["ties"] < 9 and other["kl_from_sft"] != pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_sft_stages_sampled_answers_are_read_and_equal_sampling_again(tok):
+    """evaluate_sampled (the SFT stage) keeps each row's sampled answer and how it was sampled;
+    evaluate_policy reads the reference's first answers from such records instead of sampling them,
+    with the same summary and records as sampling afresh (answers 2..n still sampled). Records
+    sampled with other settings (another batch size here) are not read; a planted answer shows
+    which way each run went."""
+    rows = [{"prompt": [{"role": "user", "content": q}]} for q in ("hi", "what is two plus two?", "a story", "x")]
+    reference, policy = tiny_model(tok, 2), tiny_model(tok, 7)
+    chars = lambda prompts, responses: [float(sum(map(ord, r))) for r in responses]  # noqa: E731
+    _, records = evaluate_generations(reference, tok, rows, chars, max_new_tokens=10, batch_size=2)
+    summary, per_row = evaluate_sampled(reference, tok, rows, chars, max_new_tokens=10, batch_size=2)
+    assert sorted(per_row) == [0, 1, 2, 3] and per_row[0]["sampled_with"]["seed"] == 1
+    assert summary["score_sampled"] == pytest.approx(sum(r["sampled"][0][1] for r in per_row.values()) / 4)
+    for i, fields in per_row.items():
+        records[i].update(fields)
+    kw = dict(max_new_tokens=10, batch_size=2, kl_samples=2)
+    afresh, afresh_records = evaluate_policy(policy, reference, tok, rows, chars, **kw)
+    read, read_records = evaluate_policy(policy, reference, tok, rows, chars, reference_records=records, **kw)
+    assert afresh["reference_first_samples"] == "sampled" and read["reference_first_samples"] == "read"
+    assert {k: v for k, v in read.items() if k != "reference_first_samples"} == \
+        {k: v for k, v in afresh.items() if k != "reference_first_samples"}
+    assert [r["reference_sampled"] for r in read_records] == [r["reference_sampled"] for r in afresh_records]
+    planted = copy.deepcopy(records)
+    planted[0]["sampled"] = [["planted", 0.0]]
+    _, out = evaluate_policy(policy, reference, tok, rows, chars, reference_records=planted, **kw)
+    assert out[0]["reference_sampled"][0][0] == "planted"
+    for r in planted:
+        r["sampled_with"] = {**r["sampled_with"], "batch_size": 3}
+    other, out = evaluate_policy(policy, reference, tok, rows, chars, reference_records=planted, **kw)
+    assert other["reference_first_samples"] == "sampled" and out[0]["reference_sampled"][0][0] != "planted"
 
 
 # ---- conduct: flaws, hallucinations, behaviour ------------------------------------------------

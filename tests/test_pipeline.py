@@ -59,6 +59,16 @@ def test_every_stage_leaves_its_checkpoint(tiny_run):
                                                for s in report["samples"])
 
 
+def test_policy_stages_read_the_sft_stages_sampled_answers(tiny_run):
+    """The SFT stage keeps its sampled eval answers; DPO's and PPO's judging (same settings) read
+    them instead of sampling the SFT model again, and find the same SFT figures."""
+    sft = json.loads((tiny_run / "sft" / "summary.json").read_text())
+    for stage in ("dpo", "ppo"):
+        summary = json.loads((tiny_run / stage / "summary.json").read_text())
+        assert summary["reference_first_samples"] == "read", stage
+        assert summary["sft_teacher_score_sampled"] == sft["teacher_score_sampled"], stage
+
+
 def test_report_numbers_are_finite_and_in_range(tiny_run):
     report = json.loads((tiny_run / "report.json").read_text())
     stages = report["stages"]

@@ -18,7 +18,9 @@ through the tokenizer's chat template; hold out `val_fraction` of the conversati
 the one loop (trainer.fit) on batches padded by length bucket or packed; then write RUN/model (a
 Hugging Face checkpoint that stops at its template's end of turn), RUN/summary.json and, with --eval, the answers to
 the eval prompts in RUN/eval_answers.jsonl, judged by the school world's teacher (the world.json
-beside the eval file) or by --scorer module:function.
+beside the eval file) or by --scorer module:function; each record also keeps one answer sampled at
+temperature 1 and how it was sampled (`sampled`, `sampled_with`), which DPO's and PPO's judging
+read instead of sampling the SFT model again.
 
 summary.json: held-out loss, steps, epochs, examples (dropped / truncated counts), tokens/s, and
 with --eval: teacher_score (mean and per category), correct (overall and per category),
@@ -211,10 +213,14 @@ def run(args: argparse.Namespace) -> int:
                 results, records = evaluate_generations(
                     model, tokenizer, eval_rows, scorer, max_new_tokens=cfg.eval_max_new_tokens,
                     batch_size=cfg.eval_batch_size, temperature=cfg.eval_temperature, seed=cfg.seed)
-                # the distribution feedback starts from: sampled answers, their flaws (school world)
-                summary.update(evaluate_sampled(
+                # the distribution feedback starts from: sampled answers, their flaws (school world);
+                # kept in the records, where DPO's and PPO's judging read them instead of sampling again
+                sampled, per_row = evaluate_sampled(
                     model, tokenizer, eval_rows, scorer, max_new_tokens=cfg.eval_max_new_tokens,
-                    batch_size=cfg.eval_batch_size, seed=cfg.seed))
+                    batch_size=cfg.eval_batch_size, seed=cfg.seed)
+                summary.update(sampled)
+                for i, fields in per_row.items():
+                    records[i].update(fields)
             summary.update(results)
             summary.update(judge_demonstrations(scorer, read_conversations(args.data)))
             summary.update(scorer=args.scorer or "teacher", eval_precision=trainer.precision)
