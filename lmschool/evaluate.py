@@ -212,7 +212,6 @@ def evaluate_generations(model, tokenizer, rows: list[dict], scorer, *, max_new_
     return summary, records
 
 
-@torch.no_grad()
 def sampling_settings(model, *, seed: int, batch_size: int, max_new_tokens: int) -> dict:
     """What, besides the weights and the prompts, decides a model's sampled eval answers: the same
     settings give the same answers (`sample_responses`), so a later stage can read them instead of
@@ -223,6 +222,7 @@ def sampling_settings(model, *, seed: int, batch_size: int, max_new_tokens: int)
             "device": device, "autocast": None if dtype is None else str(dtype).removeprefix("torch.")}
 
 
+@torch.no_grad()
 def evaluate_sampled(model, tokenizer, rows: list[dict], judge, *, max_new_tokens: int = 128,
                      batch_size: int = 32, seed: int = 0) -> tuple[dict, dict[int, dict]]:
     """One answer per prompt sampled at temperature 1 (the distribution the feedback stages start

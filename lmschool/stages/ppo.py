@@ -46,7 +46,8 @@ policy and trainer_state.pt (critic, both optimizers, KL controller, RNG, iterat
 continues exactly as an uninterrupted run would. At the end: RUN/model (the policy,
 `"kind": "policy"`), and with --eval the DPO stage's evaluation (`evaluate.evaluate_policy`:
 teacher score per category, win rate against the SFT answers of RUN_SFT/eval_answers.jsonl found
-beside --init, greedy and, where they were sampled with the same settings, sampled; KL from SFT) in RUN/summary.json and RUN/eval_answers.jsonl.
+beside --init (greedy, and sampled where they were sampled with the same settings), KL from SFT)
+in RUN/summary.json and RUN/eval_answers.jsonl.
 
 Under torchrun (`torchrun --nproc_per_node=N -m lmschool ppo ...`, parallel=ddp) each process
 samples its contiguous 1/N of every iteration's prompts (whole groups, its own random stream:
