@@ -45,6 +45,17 @@ def test_precision_and_autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
+def test_auto_precision_is_bf16_only_with_bf16_instructions(monkeypatch):
+    """Plain AVX512 (oneDNN emulates bf16 there, 2.5x slower than fp32) gets fp32; AVX512-BF16 or
+    AMX gets bf16."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    for avx512_bf16, amx, expected in [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision(cpu, "auto") == expected, (avx512_bf16, amx)
+
+
 def test_rng_state_round_trip():
     """Restoring the state makes torch, Python and NumPy draw the same numbers again."""
     state = rng_state()
