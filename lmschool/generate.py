@@ -182,7 +182,8 @@ class PackedLinears:
     default CPU GEMM re-packs the weight into its blocked layout on every call, and each call
     streams its weight from memory on its own; on L4-256 at B=8 that is most of the step.
     Packing once per `generate` call (a few ms), with q/k/v and gate/up concatenated into one
-    matrix each (29 matmuls per step become 17), makes the decode step about 1.5x faster.
+    matrix each (29 matmuls per step become 17), makes the decode step about 1.5x faster. The
+    prompt's pass, many rows at once, runs on the plain weights.
 
     How: `with packed:` sets each Linear's instance attribute `forward` to a packed call and
     removes it on exit, so the model is altered only while a step runs (never across a `yield`
@@ -246,15 +247,19 @@ class PackedLinears:
         sizes = [m.out_features for m in modules]
         memo: list = [None, None]  # [the last input, its outputs split per member]
         self.memos.append(memo)
+        # the forwards read locals, never `self`: self -> forwards -> self would be a reference cycle,
+        # and every call's packed copy of the weights (0.5 GB for SmolLM2) would stay in memory
+        # until Python's cyclic collector happened to run
+        with_adapters, pack = self.with_adapters, self.pack
 
         def member(i: int):
             module, packed_on = modules[i], folded[i]
 
             def forward(x: torch.Tensor) -> torch.Tensor:
-                if packed_on is not None and (self.with_adapters and module.active) != packed_on:
+                if packed_on is not None and (with_adapters and module.active) != packed_on:
                     return type(module).forward(module, x)   # adapters switched since packing
                 if memo[0] is not x:
-                    y = (torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "") if self.pack
+                    y = (torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "") if pack
                          else F.linear(x.to(dtype), weight, bias))
                     memo[0], memo[1] = x, (y.split(sizes, -1) if len(sizes) > 1 else (y,))
                 return memo[1][i]
@@ -425,8 +430,11 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
         compiled = hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None
         use_packed = pack_weights and not compiled and max_new_tokens >= 4
         packed = PackedLinears.maybe(model, B) if use_packed else None
-    weights = packed if packed is not None else _freezing() if frozen else contextlib.nullcontext()
-    with torch.inference_mode(), weights:
+    plain = _freezing() if frozen else contextlib.nullcontext()
+    weights = packed if packed is not None else plain
+    # The prompt's pass multiplies B x P rows, where the plain GEMM is as fast; through the packed
+    # weights oneDNN held ~2 GB more for SmolLM2 at 34 x 59 rows (bench/RESULTS.md, session 14).
+    with torch.inference_mode(), plain:
         cache = model.new_cache(B, S_max)
         h = model.hidden(ids, position_ids, attn_mask, cache)                      # (B, P, C)
         logits = model.lm_head(h[:, -1])                                           # (B, V)
